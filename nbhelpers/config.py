@@ -271,11 +271,12 @@ def resolve_parameter_file(name: str | Path, kind: str | None = None) -> Path:
 
 def load_config(files: list[str | Path] | None = None,
                 overrides: list[str] | dict[str, Any] | None = None,
-                override_source: str = "--set") -> RunConfig:
-    """Build a validated RunConfig from YAML files (in order) and overrides (last)."""
+                override_source: str = "--set", flags: dict[str, Any] | None = None) -> RunConfig:
+    """Build a validated RunConfig: YAML files (in order) < ``flags`` (command-line flags) < overrides."""
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     layers = [(read_yaml_file(f), str(f)) for f in (files or [])]
+    layers.append((flags or {}, "command-line flag"))
     layers.append((parse_overrides(overrides), override_source))
     for data, source in layers:
         for key, value in data.items():
