@@ -1,0 +1,133 @@
+import math
+
+import pytest
+import yaml
+
+from nbhelpers.config import (ConfigError, RunConfig, describe, estimate_training_steps, load_config,
+                              load_resolved_config, passk_ks, resolve_parameter_file, save_resolved_config)
+
+
+def write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if isinstance(data, dict) else data)
+    return path
+
+
+def test_precedence_files_then_flags_then_set(tmp_path):
+    a = write(tmp_path, "a.yaml", {"mode": "psr", "seed": 1, "num_generations": 2, "batch_size": 2})
+    b = write(tmp_path, "b.yaml", {"seed": 2, "learning_rate": 3e-6})
+    cfg = load_config([a, b], ["seed=4"], flags={"seed": 3, "lambda_psr": 0.2})
+    assert (cfg.mode, cfg.seed, cfg.learning_rate, cfg.lambda_psr) == ("psr", 4, 3e-6, 0.2)
+    assert cfg._sources["mode"] == str(a) and cfg._sources["learning_rate"] == str(b)
+    assert cfg._sources["seed"] == "--set" and cfg._sources["lambda_psr"] == "command-line flag"
+    assert load_config([a, b]).seed == 2
+
+
+def test_shipped_parameter_files_all_load():
+    for mode in ("grpo", "psr", "nsr", "w-reinforce"):
+        for preset in ("smoke", "poc", "ultra-fast", "fast", "moderate", "safe", "paper"):
+            for platform in ("colab-a100", "kaggle-2xt4", "local-cpu"):
+                files = [resolve_parameter_file(mode, "modes"), resolve_parameter_file(preset, "presets"),
+                         resolve_parameter_file(platform, "platforms")]
+                cfg = load_config(files)
+                assert cfg.mode == mode
+
+
+PRESETS = [  # preset, subset, epochs, generations (the seeds' table)
+    ("poc", 100, 1, 2), ("ultra-fast", 1000, 1, 2), ("fast", 10000, 1, 2), ("moderate", None, 1, 2),
+    ("safe", None, 1, 4), ("paper", None, 4, 4),
+]
+
+
+@pytest.mark.parametrize("preset,subset,epochs,generations", PRESETS)
+def test_preset_table(preset, subset, epochs, generations):
+    cfg = load_config([resolve_parameter_file(preset, "presets")])
+    assert (cfg.subset_size, cfg.num_epochs, cfg.num_generations) == (subset, epochs, generations)
+
+
+ERRORS = [  # file content, overrides, words the message must contain
+    ({"learnin_rate": 1e-5}, None, ["unknown key 'learnin_rate'", "learning_rate", "bad.yaml"]),
+    ({"seed": "abc"}, None, ["'seed'", "expects int", "bad.yaml"]),
+    ({"gradient_checkpointing": "maybe"}, None, ["'gradient_checkpointing'", "bool"]),
+    ({"mode": "ppo"}, None, ["'mode'", "grpo, psr, nsr, w-reinforce", "bad.yaml"]),
+    ({"num_generations": 3, "batch_size": 4, "gradient_accumulation_steps": 1}, None,
+     ["'batch_size'", "not divisible by num_generations"]),
+    ({"mode": "nsr", "num_generations": 1, "batch_size": 2}, None, ["'num_generations'", ">= 2", "nsr"]),
+    ({"mode": "w-reinforce", "num_generations": 1}, None, ["'num_generations'", "w-reinforce"]),
+    ({"n_samples": 8, "passk_ks": [1, 4, 16]}, None, ["'passk_ks'", "[16]", "n_samples = 8"]),
+    ({"lambda_psr": 1.5}, None, ["'lambda_psr'", "(0, 1]"]),
+    ({"top_p": 0}, None, ["'top_p'"]),
+    ({"loss_type": "ppo"}, None, ["'loss_type'", "dapo"]),
+    ({"reward_weights": {"beauty": 1.0}}, None, ["'reward_weights'", "beauty"]),
+    ({"length_window": [50, 10]}, None, ["'length_window'"]),
+    ({"report_to": ["mlflow"]}, None, ["'report_to'", "mlflow"]),
+    ({}, ["batch_size=three"], ["--set", "'batch_size'", "expects int"]),
+    ({}, ["nonsense=1"], ["--set", "unknown key 'nonsense'"]),
+    ({}, ["subset_size=0"], ["'subset_size'", ">= 1"]),
+    ("mode: [grpo\n", None, ["bad.yaml", "line", "invalid YAML"]),
+    ("- a\n- b\n", None, ["bad.yaml", "mapping"]),
+]
+
+
+@pytest.mark.parametrize("content,overrides,words", ERRORS)
+def test_config_errors_name_key_and_source(tmp_path, content, overrides, words):
+    path = write(tmp_path, "bad.yaml", content)
+    with pytest.raises(ConfigError) as info:
+        load_config([path], overrides)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_missing_file_and_unknown_short_name(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config([tmp_path / "nope.yaml"])
+    with pytest.raises(ConfigError, match="no parameters file named 'smok'"):
+        resolve_parameter_file("smok")
+
+
+def test_types_are_coerced_where_safe(tmp_path):
+    cfg = load_config(overrides=["learning_rate=1", "num_epochs=2", "subset_size=none", "report_to=tensorboard,wandb",
+                                 "gradient_checkpointing=false", "lora_target_modules=[q_proj, v_proj]"])
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    assert cfg.subset_size is None and cfg.report_to == ["tensorboard", "wandb"]
+    assert cfg.gradient_checkpointing is False and cfg.lora_target_modules == ["q_proj", "v_proj"]
+
+
+def test_resolved_config_round_trip(tmp_path):
+    cfg = load_config(overrides={"mode": "nsr", "seed": 7})
+    path = save_resolved_config(cfg, tmp_path / "run")
+    again = load_resolved_config(path)
+    assert again.to_dict() == cfg.to_dict()
+    assert "mode" in describe(cfg) and "nsr" in describe(cfg)
+
+
+def test_run_name_keeps_runs_apart():
+    names = {load_config(overrides=o).resolved_run_name() for o in
+             ({"mode": "psr"}, {"mode": "nsr"}, {"seed": 1}, {"subset_size": 10}, {"dataset_name": "chartqa"},
+              {"vlm_name": "qwen2-5-3b"})}
+    assert len(names) == 6
+
+
+ESTIMATES = [  # problems, G, batch, grad_acc, processes, epochs, max_steps, expected steps
+    (10000, 2, 2, 2, 1, 1, -1, 5000),
+    (34194, 4, 4, 2, 1, 4, -1, 4 * 17097),
+    (34194, 2, 2, 2, 2, 1, -1, 8549),
+    (10, 4, 4, 1, 1, 1, -1, 10),
+    (7, 2, 2, 2, 1, 1.5, -1, 6),
+    (100, 2, 2, 2, 1, 1, 3, 3),
+]
+
+
+@pytest.mark.parametrize("problems,g,batch,acc,procs,epochs,max_steps,expected", ESTIMATES)
+def test_training_step_estimator(problems, g, batch, acc, procs, epochs, max_steps, expected):
+    cfg = RunConfig(num_generations=g, batch_size=batch, gradient_accumulation_steps=acc, num_epochs=epochs,
+                    max_steps=max_steps)
+    est = estimate_training_steps(cfg, problems, procs)
+    assert est.total_steps == expected
+    assert est.steps_per_epoch == math.ceil(problems * g / (batch * acc * procs))
+
+
+def test_passk_ks_default_and_configured():
+    assert passk_ks(RunConfig(n_samples=256)) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert passk_ks(RunConfig(n_samples=10)) == [1, 2, 4, 8, 10]
+    assert passk_ks(load_config(overrides={"n_samples": 16, "passk_ks": [8, 1]})) == [1, 8]
