@@ -1,0 +1,615 @@
+"""The seven Chart-RVR rewards and the relaxed-accuracy metric of ChartQA.
+
+Every reward is called as TRL calls reward functions,
+`f(completions=[...], answer=[...], chart_type=[...], table=[...], reasoning=[...], **other)`,
+and returns one finite float per completion, never raising (a completion that cannot be read
+scores 0). A completion is a string or TRL's chat form `[{"role": "assistant", "content": str}]`.
+
+| reward               | range     | value                                                         |
+|----------------------|-----------|---------------------------------------------------------------|
+| format_reward        | {0, 2}    | 2 if the completion has the whole output shape                |
+| accuracy_reward      | {0, 1}    | 1 if relaxed_correctness(<answer> text, gold answer)          |
+| length_think_reward  | [0, 2.5]  | 1 if step words lie in the window, + min(0.25 x steps, 1.5)   |
+| count_reward         | {0, 2}    | 2 if think/type/table/answer each open and close exactly once |
+| chart_type_reward    | {0, 1}    | 1 if <type> equals the gold chart type (case-insensitive)     |
+| table_style_reward   | [0, 1.75] | 0.5 JSON + 0.25 keys + 0.5 header recall + 0.5 cell accuracy  |
+| process_style_reward | [0, 1]    | similarity of the steps to the reference reasoning            |
+
+Rewards needing a gold column (answer, chart_type, table, reasoning) score 0 for rows where
+it is None or absent, and say so once in the log. Weights are applied by TRL
+(`GRPOConfig(reward_weights=reward_weights(settings))`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from .completion_parsing import (
+    completion_text,
+    extract_answer,
+    extract_chart_type,
+    extract_table,
+    matches_output_format,
+    reasoning_steps,
+    reference_steps,
+    tag_counts,
+)
+
+logger = logging.getLogger(__name__)
+
+REWARD_NAMES = (
+    "format_reward",
+    "accuracy_reward",
+    "length_think_reward",
+    "count_reward",
+    "chart_type_reward",
+    "table_style_reward",
+    "process_style_reward",
+)
+
+REWARD_MAXIMA = {
+    "format_reward": 2.0,
+    "accuracy_reward": 1.0,
+    "length_think_reward": 2.5,
+    "count_reward": 2.0,
+    "chart_type_reward": 1.0,
+    "table_style_reward": 1.75,
+    "process_style_reward": 1.0,
+}
+"""Largest value of each reward (every reward's smallest value is 0)."""
+
+DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+"""The sentence encoder of the original Chart-RVR code; used only if already on local disk."""
+
+LENGTH_WINDOW_WORDS = (20, 300)
+"""Default inclusive window, in words of the step texts, that earns length_think_reward its 1.0.
+
+20 words rules out one-line "reasoning"; 300 words leaves room for six detailed steps while
+penalising rambling. (The original used 70..250 characters of the whole think block, table
+included, i.e. about 12..45 words, which a table alone could fill.)"""
+
+STEP_BONUS, STEP_BONUS_CAP = 0.25, 1.5
+
+_CONSOLE_LABELS = {
+    "format_reward": "Format rewards",
+    "accuracy_reward": "Rewards Accuracy",
+    "length_think_reward": "Length Rewards",
+    "count_reward": "Count rewards",
+    "chart_type_reward": "Graph Type Rewards",
+    "table_style_reward": "Table style rewards",
+    "process_style_reward": "Process Style Rewards",
+}
+
+_GOLD_COLUMN = {
+    "accuracy_reward": "answer",
+    "chart_type_reward": "chart_type",
+    "table_style_reward": "table",
+    "process_style_reward": "reasoning",
+}
+
+_already_logged: set[str] = set()
+
+
+def _log_once(key: str, message: str, level: int = logging.WARNING) -> None:
+    """Log `message` the first time `key` is seen in this process."""
+    if key not in _already_logged:
+        _already_logged.add(key)
+        logger.log(level, message)
+
+
+# --------------------------------------------------------------------------- relaxed accuracy
+
+_THOUSANDS_GROUPED = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
+
+
+def _strip_answer(text: str) -> str:
+    """Surrounding whitespace and one trailing period removed."""
+    stripped = text.strip()
+    return stripped[:-1].rstrip() if stripped.endswith(".") else stripped
+
+
+def _to_number(text: str) -> float | None:
+    """The finite number `text` denotes, or None.
+
+    `float()` syntax; a trailing `%` divides by 100; commas are dropped only when they group
+    the integer digits by thousands ("1,234.5", not "1,23" or "1, 2"). Non-finite values
+    ("nan", "inf", "1e999") are not numbers here, so they compare as strings.
+    """
+    body, scale = (text[:-1], 100.0) if text.endswith("%") else (text, 1.0)
+    body = body.strip()
+    if _THOUSANDS_GROUPED.fullmatch(body):
+        body = body.replace(",", "")
+    try:
+        value = float(body) / scale
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def relaxed_correctness(prediction: str, target: str, max_relative_change: float = 0.05) -> bool:
+    """The ChartQA relaxed-accuracy verdict (pix2struct semantics).
+
+    Both strings lose surrounding whitespace and one trailing period. If both are numbers
+    (a trailing `%` divides by 100) and the target is non-zero, correct when
+    |p - t| / |t| <= max_relative_change; with a zero target, correct when p == 0 exactly;
+    otherwise a case-insensitive exact string match decides.
+
+    Normalisation beyond pix2struct, chosen because it cannot turn a wrong answer right:
+    thousands separators are dropped from numbers ("1,234" == "1234"), and nan/inf texts
+    compare as strings instead of as (never-equal) floats. Deliberately NOT normalised, as
+    in pix2struct: units and currency ("15 million" != "15", "$5" != "5"), and a percent
+    against a bare number of the same digits ("12%" is 0.12, so != "12" but == "0.12").
+    """
+    prediction_text = _strip_answer(prediction if isinstance(prediction, str) else str(prediction))
+    target_text = _strip_answer(target if isinstance(target, str) else str(target))
+    predicted, expected = _to_number(prediction_text), _to_number(target_text)
+    if predicted is not None and expected is not None:
+        if expected != 0:
+            return abs(predicted - expected) / abs(expected) <= max_relative_change
+        if predicted == 0:
+            return True
+    return prediction_text.lower() == target_text.lower()
+
+
+# --------------------------------------------------------------------------- per-completion scores
+
+
+def format_score(text: str) -> float:
+    """2.0 if the whole completion has the output shape (`matches_output_format`), else 0."""
+    return 2.0 if matches_output_format(text) else 0.0
+
+
+def accuracy_score(text: str, gold_answer: Any) -> float:
+    """1.0 if the last `<answer>` text is relaxed-correct against the gold answer, else 0.
+
+    No closed `<answer>` block, or a None gold answer: 0. A gold answer given as a list of
+    strings (HF ChartQA's `label`) accepts any of them.
+    """
+    answer = extract_answer(text)
+    if answer is None or gold_answer is None:
+        return 0.0
+    golds = gold_answer if isinstance(gold_answer, (list, tuple)) else [gold_answer]
+    return 1.0 if any(relaxed_correctness(answer, str(gold)) for gold in golds) else 0.0
+
+
+def length_think_score(text: str, window_words: tuple[int, int] = LENGTH_WINDOW_WORDS) -> float:
+    """Reasoning-length reward in [0, 2.5].
+
+    1.0 when the words of the `<step-k>` texts (whitespace-separated, summed over steps; the
+    type tag and the JSON table never count) lie inside `window_words` (inclusive), plus
+    0.25 per non-empty step, that step bonus capped at 1.5 (six steps). "Up to 1.5" caps
+    the step bonus, not the total: this follows the original Chart-RVR code,
+    `reward += min(0.25*len(steps), 1.5)` after the window's +1.0 (sanchit97/chartrl,
+    grpo_utils.py, commit 12034602), so the maximum is 2.5. Unlike the original, steps are
+    counted (not the pieces of a split, which counted one too many) and the window counts
+    step words, not the characters of the whole think block.
+    """
+    steps = reasoning_steps(text)
+    words = sum(len(step.split()) for step in steps)
+    low, high = window_words
+    in_window = 1.0 if low <= words <= high else 0.0
+    return in_window + min(STEP_BONUS * len(steps), STEP_BONUS_CAP)
+
+
+def count_score(text: str) -> float:
+    """2.0 if each of think/type/table/answer opens and closes exactly once, else 0."""
+    return 2.0 if all(count == 1 for count in tag_counts(text).values()) else 0.0
+
+
+def _normalised_label(text: str) -> str:
+    """Case-folded, with runs of whitespace collapsed to one space."""
+    return " ".join(text.split()).casefold()
+
+
+def chart_type_score(text: str, gold_chart_type: Any) -> float:
+    """1.0 if the last `<type>` text equals the gold chart type ignoring case and spacing, else 0."""
+    predicted = extract_chart_type(text)
+    if predicted is None or not isinstance(gold_chart_type, str):
+        return 0.0
+    return 1.0 if _normalised_label(predicted) == _normalised_label(gold_chart_type) else 0.0
+
+
+def _gold_table(table: Any) -> tuple[list[str], list[list[str]]] | None:
+    """Gold columns and rows as strings, or None when the gold table is missing or malformed."""
+    if not isinstance(table, dict):
+        return None
+    columns, rows = table.get("columns"), table.get("rows")
+    if not isinstance(columns, (list, tuple)) or not isinstance(rows, (list, tuple)):
+        return None
+    if not all(isinstance(row, (list, tuple)) for row in rows):
+        return None
+    return [str(column) for column in columns], [[str(cell) for cell in row] for row in rows]
+
+
+def header_recall(predicted: dict, gold_columns: Sequence[str]) -> float:
+    """Fraction in [0, 1] of gold columns present among the predicted ones.
+
+    Compared case-insensitively with whitespace collapsed; no gold columns: 0.
+    """
+    columns = predicted.get("columns")
+    if not gold_columns or not isinstance(columns, (list, tuple)):
+        return 0.0
+    present = {_normalised_label(column) for column in columns if isinstance(column, str)}
+    return sum(_normalised_label(column) in present for column in gold_columns) / len(gold_columns)
+
+
+def cell_accuracy(predicted: dict, gold_rows: Sequence[Sequence[str]]) -> float:
+    """Matched gold cells / number of gold cells, in [0, 1].
+
+    Cells are aligned by row and column position and compared with `relaxed_correctness`;
+    a missing or non-scalar predicted cell does not match. No gold cells: 0.
+    """
+    total = sum(len(row) for row in gold_rows)
+    rows = predicted.get("rows")
+    if total == 0 or not isinstance(rows, (list, tuple)):
+        return 0.0
+    matched = 0
+    for row_index, gold_row in enumerate(gold_rows):
+        row = rows[row_index] if row_index < len(rows) else None
+        if not isinstance(row, (list, tuple)):
+            continue
+        for column_index, gold_cell in enumerate(gold_row[: len(row)]):
+            cell = row[column_index]
+            if isinstance(cell, (str, int, float)) and relaxed_correctness(str(cell), gold_cell):
+                matched += 1
+    return matched / total
+
+
+def table_style_score(text: str, gold_table: Any) -> float:
+    """Table reward in [0, 1.75] for the last `<table>` block of this completion only.
+
+    0.5 if it parses as a JSON object (code fences allowed), +0.25 if its keys are exactly
+    {"columns", "rows"}, +0.5 x `header_recall`, +0.5 x `cell_accuracy`. A table that does
+    not parse scores 0. A missing or malformed gold table makes the two gold components 0.
+    """
+    predicted = extract_table(text)
+    if predicted is None:
+        return 0.0
+    score = 0.5 + (0.25 if set(predicted) == {"columns", "rows"} else 0.0)
+    gold = _gold_table(gold_table)
+    if gold is None and gold_table is not None:
+        _log_once(
+            "malformed_gold_table",
+            f"table_style_reward: malformed gold table {gold_table!r:.200}; its gold components score 0.",
+        )
+    if gold is not None:
+        gold_columns, gold_rows = gold
+        score += 0.5 * header_recall(predicted, gold_columns) + 0.5 * cell_accuracy(predicted, gold_rows)
+    return score
+
+
+# --------------------------------------------------------------------------- process similarity
+
+
+class SentenceEncoder(Protocol):
+    """Anything with sentence-transformers' `encode`: texts in, one vector per text out."""
+
+    def encode(self, sentences: list[str]) -> Any: ...
+
+
+@functools.lru_cache(maxsize=None)
+def load_sentence_encoder(model_name: str | None) -> SentenceEncoder | None:
+    """The sentence-transformers model `model_name` from local files only, loaded once, or None.
+
+    Never downloads. None (and one logged line saying the lexical fallback is used) when the
+    name is None, sentence-transformers is not installed, or the model is not on local disk.
+    """
+    if model_name is None:
+        logger.info("process_style_reward: no embedding model configured; using lexical similarity.")
+        return None
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        logger.warning(
+            "process_style_reward: sentence-transformers is not installed; using lexical similarity "
+            "(word-multiset F1) instead of embeddings of %s.",
+            model_name,
+        )
+        return None
+    try:
+        return SentenceTransformer(model_name, local_files_only=True)
+    except Exception as error:  # any loading failure means: not usable offline
+        logger.warning(
+            "process_style_reward: embedding model %s is not available locally (%s); using lexical "
+            "similarity (word-multiset F1).",
+            model_name,
+            error,
+        )
+        return None
+
+
+_WORD = re.compile(r"\w+")
+
+
+def lexical_similarity(prediction: str, reference: str) -> float:
+    """Word-multiset F1 in [0, 1] of two texts (SQuAD-style token F1).
+
+    Words are runs of `\\w` characters, case-folded; overlap = sum over words of the smaller
+    count; F1 of overlap/|prediction words| and overlap/|reference words|. Same multiset of
+    words: 1.0; nothing in common or an empty text: 0.0. Unlike a cosine of count vectors,
+    repeating the reference many times does not score 1. Deterministic, needs no model.
+    """
+    predicted_counts = Counter(_WORD.findall(prediction.casefold()))
+    reference_counts = Counter(_WORD.findall(reference.casefold()))
+    overlap = sum((predicted_counts & reference_counts).values())
+    if overlap == 0:
+        return 0.0
+    return 2.0 * overlap / (predicted_counts.total() + reference_counts.total())
+
+
+def embedding_similarities(pairs: Sequence[tuple[str, str]], encoder: SentenceEncoder) -> list[float]:
+    """(1 + cos) / 2 in [0, 1] of the embeddings of each (prediction, reference) pair.
+
+    All texts are encoded in one call. A zero or non-finite embedding gives 0.5 (cos 0).
+    """
+    texts = [text for pair in pairs for text in pair]
+    vectors = np.asarray(encoder.encode(texts), dtype=np.float64).reshape(len(texts), -1)
+    predicted, reference = vectors[0::2], vectors[1::2]
+    norms = np.linalg.norm(predicted, axis=1) * np.linalg.norm(reference, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cosines = np.sum(predicted * reference, axis=1) / norms
+    cosines = np.where(np.isfinite(cosines), cosines, 0.0)
+    return [float(np.clip((1.0 + cosine) / 2.0, 0.0, 1.0)) for cosine in cosines]
+
+
+def process_style_scores(
+    texts: Sequence[str], references: Sequence[Any], encoder: SentenceEncoder | None
+) -> list[float]:
+    """Similarity in [0, 1] of each completion's steps to its reference reasoning.
+
+    The steps (joined by newlines) are compared with the reference's steps (its `<step-k>`
+    texts, or its whole text). No steps, or a None/empty reference: 0. Identical step texts
+    (ignoring case and spacing): 1.0. Otherwise (1 + cos) / 2 of the encoder's embeddings,
+    or, without an encoder or if encoding fails, `lexical_similarity`. Note the scales
+    differ: unrelated texts score about 0.5 with embeddings and 0.0 lexically.
+    """
+    scores = [0.0] * len(texts)
+    pending: list[tuple[int, str, str]] = []
+    for index, (text, reference) in enumerate(zip(texts, references)):
+        try:
+            predicted_steps = "\n".join(reasoning_steps(text))
+            expected_steps = "\n".join(reference_steps(reference))
+            if not predicted_steps or not expected_steps:
+                continue
+            if _normalised_label(predicted_steps) == _normalised_label(expected_steps):
+                scores[index] = 1.0
+            else:
+                pending.append((index, predicted_steps, expected_steps))
+        except Exception as error:
+            _log_once(f"process_style:{type(error).__name__}", f"process_style_reward scored 0 after {error!r}")
+    if not pending:
+        return scores
+    pairs = [(predicted, expected) for _, predicted, expected in pending]
+    similarities = None
+    if encoder is not None:
+        try:
+            similarities = embedding_similarities(pairs, encoder)
+        except Exception as error:
+            _log_once(
+                f"encoder:{type(error).__name__}",
+                f"process_style_reward: encoding failed ({error!r}); using lexical similarity.",
+            )
+    if similarities is None:
+        similarities = [lexical_similarity(predicted, expected) for predicted, expected in pairs]
+    for (index, _, _), similarity in zip(pending, similarities):
+        scores[index] = similarity
+    return scores
+
+
+# --------------------------------------------------------------------------- settings and TRL functions
+
+
+@dataclass
+class RewardSettings:
+    """Weights and knobs of the Chart-RVR rewards.
+
+    weights: reward name -> weight; names left out weigh 1.0. length_window_words: inclusive
+    (low, high) bounds in step words for length_think_reward. embedding_model: the
+    sentence-transformers model for process_style_reward, loaded from local files only
+    (None: lexical similarity). verbose: print each batch's rewards to the console.
+    """
+
+    weights: dict[str, float] = field(default_factory=dict)
+    length_window_words: tuple[int, int] = LENGTH_WINDOW_WORDS
+    embedding_model: str | None = DEFAULT_EMBEDDING_MODEL
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.weights) - set(REWARD_NAMES))
+        if unknown:
+            raise ValueError(
+                f"RewardSettings.weights: unknown reward name(s) {unknown}; expected names from {list(REWARD_NAMES)}"
+            )
+        weights = {}
+        for name in REWARD_NAMES:
+            weight = self.weights.get(name, 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ValueError(f"RewardSettings.weights[{name!r}] must be a finite number, got {weight!r}")
+            weights[name] = float(weight)
+        self.weights = weights
+        window = tuple(self.length_window_words)
+        if len(window) != 2 or not all(isinstance(bound, int) and not isinstance(bound, bool) for bound in window):
+            raise ValueError(
+                f"RewardSettings.length_window_words must be two integers (low, high), got {self.length_window_words!r}"
+            )
+        if not 0 <= window[0] <= window[1]:
+            raise ValueError(
+                f"RewardSettings.length_window_words must satisfy 0 <= low <= high, got {self.length_window_words!r}"
+            )
+        self.length_window_words = window
+
+
+def _column(values: Any, size: int) -> list[Any]:
+    """A dataset column as a list of `size` entries, None where absent."""
+    if not isinstance(values, (list, tuple)):
+        return [None] * size
+    return list(values[:size]) + [None] * (size - len(values))
+
+
+def _finite_in_range(value: float, name: str) -> float:
+    """`value` clipped to [0, REWARD_MAXIMA[name]]; a non-finite value becomes 0."""
+    return min(max(float(value), 0.0), REWARD_MAXIMA[name]) if math.isfinite(value) else 0.0
+
+
+class RewardFunction:
+    """One Chart-RVR reward in TRL's reward-function form; `__name__` is the reward name.
+
+    Call as `f(completions=[...], **dataset_columns) -> list[float]`. Picklable: holds only
+    its name, its settings and an optional injected encoder.
+    """
+
+    def __init__(self, name: str, settings: RewardSettings | None = None, encoder: SentenceEncoder | None = None):
+        if name not in REWARD_NAMES:
+            raise ValueError(f"unknown reward name {name!r}; expected one of {list(REWARD_NAMES)}")
+        self.__name__ = self.__qualname__ = name
+        self.settings = settings if settings is not None else RewardSettings()
+        self.encoder = encoder
+
+    def __repr__(self) -> str:
+        return f"RewardFunction({self.__name__!r})"
+
+    def __call__(self, completions: Sequence[Any] | None = None, **columns: Any) -> list[float]:
+        name = self.__name__
+        texts = [completion_text(completion) for completion in (completions or [])]
+        gold_column = _GOLD_COLUMN.get(name)
+        golds = _column(columns.get(gold_column), len(texts)) if gold_column else [None] * len(texts)
+        if gold_column and any(gold is None for gold in golds):
+            _log_once(
+                f"missing:{name}",
+                f"{name}: gold column {gold_column!r} is absent or None for some rows; the parts "
+                "of this reward that need it score 0 there.",
+            )
+        if name == "process_style_reward":
+            encoder = self.encoder if self.encoder is not None else load_sentence_encoder(self.settings.embedding_model)
+            raw = process_style_scores(texts, golds, encoder)
+        else:
+            raw = [self._score_one(text, gold) for text, gold in zip(texts, golds)]
+        rewards = [_finite_in_range(value, name) for value in raw]
+        if self.settings.verbose:
+            print(f"{_CONSOLE_LABELS[name]}: {rewards}")
+        return rewards
+
+    def _score_one(self, text: str, gold: Any) -> float:
+        """This reward for one completion; 0 (logged once per error type) if scoring fails."""
+        try:
+            return _SCORERS[self.__name__](text, gold, self.settings)
+        except Exception as error:
+            _log_once(f"{self.__name__}:{type(error).__name__}", f"{self.__name__} scored 0 after {error!r}")
+            return 0.0
+
+
+_SCORERS: dict[str, Callable[[str, Any, RewardSettings], float]] = {
+    "format_reward": lambda text, gold, settings: format_score(text),
+    "accuracy_reward": lambda text, gold, settings: accuracy_score(text, gold),
+    "length_think_reward": lambda text, gold, settings: length_think_score(text, settings.length_window_words),
+    "count_reward": lambda text, gold, settings: count_score(text),
+    "chart_type_reward": lambda text, gold, settings: chart_type_score(text, gold),
+    "table_style_reward": lambda text, gold, settings: table_style_score(text, gold),
+}
+"""Per-completion scorer of each reward except process_style_reward (scored in batches)."""
+
+
+def build_reward_funcs(
+    settings: RewardSettings | None = None, encoder: SentenceEncoder | None = None
+) -> list[RewardFunction]:
+    """The seven reward functions in order (REWARD_NAMES), ready for `GRPOTrainer(reward_funcs=...)`.
+
+    `encoder` replaces the sentence-transformers model of process_style_reward (tests pass a
+    small local stand-in).
+    """
+    return [RewardFunction(name, settings, encoder) for name in REWARD_NAMES]
+
+
+def reward_weights(settings: RewardSettings | None = None) -> list[float]:
+    """The weights of the seven rewards in REWARD_NAMES order, for `GRPOConfig(reward_weights=...)`."""
+    settings = settings if settings is not None else RewardSettings()
+    return [settings.weights[name] for name in REWARD_NAMES]
+
+
+REWARD_FUNCS = build_reward_funcs()
+"""The seven rewards with default settings, in order."""
+
+(
+    format_reward,
+    accuracy_reward,
+    length_think_reward,
+    count_reward,
+    chart_type_reward,
+    table_style_reward,
+    process_style_reward,
+) = REWARD_FUNCS
+
+
+def score_completions(
+    completions: Sequence[Any],
+    *,
+    settings: RewardSettings | None = None,
+    encoder: SentenceEncoder | None = None,
+    **columns: Any,
+) -> dict[str, list[float]]:
+    """Every reward (unweighted) for each completion: reward name -> one float per completion."""
+    return {
+        reward.__name__: reward(completions=completions, **columns)
+        for reward in build_reward_funcs(settings, encoder)
+    }
+
+
+def total_reward(
+    completions: Sequence[Any],
+    *,
+    settings: RewardSettings | None = None,
+    encoder: SentenceEncoder | None = None,
+    **columns: Any,
+) -> list[float]:
+    """The weighted sum of the seven rewards for each completion (weights from `settings`)."""
+    settings = settings if settings is not None else RewardSettings()
+    completions = list(completions or [])
+    scores = score_completions(completions, settings=settings, encoder=encoder, **columns)
+    return [
+        sum(settings.weights[name] * scores[name][index] for name in REWARD_NAMES)
+        for index in range(len(completions))
+    ]
+
+
+# --------------------------------------------------------------------------- correctness (c_i)
+
+
+def is_correct(completion: Any, answer: Any, threshold: float = 0.5) -> bool:
+    """The correctness bit of one completion: accuracy_reward >= threshold.
+
+    Training (the objectives' c_i) and sampling both use this, so they agree.
+    """
+    return accuracy_score(completion_text(completion), answer) >= threshold
+
+
+def correctness(
+    completions: Sequence[Any],
+    answers: Sequence[Any],
+    rewards_total: Sequence[float] | None = None,
+    threshold: float = 0.5,
+    correctness_from: str = "accuracy",
+) -> list[bool]:
+    """Correctness bits of a batch: accuracy_reward >= threshold, or, with
+    `correctness_from="total"`, the weighted total reward `rewards_total[i] >= threshold`
+    (a NaN total is incorrect).
+    """
+    completions = list(completions)
+    if correctness_from == "accuracy":
+        answers = _column(list(answers), len(completions))
+        return [is_correct(completion, answer, threshold) for completion, answer in zip(completions, answers)]
+    if correctness_from == "total":
+        if rewards_total is None or len(rewards_total) != len(completions):
+            raise ValueError(
+                "correctness(correctness_from='total') needs rewards_total with one value per completion "
+                f"({len(completions)}), got {None if rewards_total is None else len(rewards_total)}"
+            )
+        return [float(total) >= threshold for total in rewards_total]
+    raise ValueError(f"correctness_from must be 'accuracy' or 'total', got {correctness_from!r}")
