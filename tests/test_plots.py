@@ -1,0 +1,215 @@
+"""Figures checked through their Figure objects (no golden images)."""
+
+import argparse
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.ticker import PercentFormatter
+
+from nbhelpers import passk, plots
+from nbhelpers.passk import ProblemCounts
+
+N = 16
+KS = [1, 2, 4, 8, 16]
+METHODS = {"GRPO": 0.35, "PSR": 0.45, "NSR": 0.3}
+
+
+def method_results(method, rate, seed):
+    rng = np.random.default_rng(seed)
+    problems = [ProblemCounts(dataset, str(i), N, int(rng.binomial(N, min(1.0, rate * (0.5 + i % 3) / 1.5))))
+                for dataset in ("ChartQA", "PlotQA") for i in range(12)]
+    return passk.passk_results(problems, method, bootstrap=100)
+
+
+@pytest.fixture(scope="module")
+def results():
+    return [method_results(method, rate, seed) for seed, (method, rate) in enumerate(METHODS.items())]
+
+
+def legend_labels(ax):
+    return [text.get_text() for text in ax.get_legend().get_texts()]
+
+
+def test_curves_lines_axes_and_labels(results):
+    figure = plots.plot_passk_curves(results)
+    ax, = figure.axes
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == list(METHODS)
+    assert legend_labels(ax) == list(METHODS)
+    assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
+    assert list(ax.get_xticks()) == KS
+    assert isinstance(ax.yaxis.get_major_formatter(), PercentFormatter)
+    for line, result in zip(lines, results):
+        np.testing.assert_array_equal(line.get_xdata(), KS)
+        np.testing.assert_allclose(line.get_ydata(), [result["pass_at_k"][str(k)] for k in KS])
+    low, high = ax.get_ylim()
+    all_lows = [result["ci95"][str(k)][0] for result in results for k in KS]
+    all_highs = [result["ci95"][str(k)][1] for result in results for k in KS]
+    assert 0 <= low <= min(all_lows) and max(all_highs) <= high <= 1
+    assert len(ax.collections) == 3  # one 95% band per method
+    assert ax.get_title() == "Pass@k (all datasets)"
+
+
+def test_curves_without_intervals_dataset_and_k_range(results):
+    figure = plots.plot_passk_curves(results, ["a", "b", "c"], dataset="PlotQA", show_ci=False, k_range=(2, 8))
+    ax, = figure.axes
+    assert len(ax.collections) == 0
+    assert [line.get_label() for line in ax.get_lines()] == ["a", "b", "c"]
+    first = ax.get_lines()[0]
+    np.testing.assert_array_equal(first.get_xdata(), [2, 4, 8])
+    plotqa = results[0]["meta"]["per_dataset"]["PlotQA"]["pass_at_k"]
+    np.testing.assert_allclose(first.get_ydata(), [plotqa[k] for k in ("2", "4", "8")])
+    assert ax.get_title() == "Pass@k (PlotQA)"
+
+
+def test_curves_read_results_files(tmp_path, results):
+    paths = [passk.write_results(r, tmp_path / f"{r['method']}.json") for r in results]
+    ax, = plots.plot_passk_curves(paths).axes
+    assert legend_labels(ax) == list(METHODS)
+
+
+@pytest.mark.parametrize("labels, dataset, message", [
+    (["a", "b"], None, "2 labels for 3 results"),
+    (["a", "a", "b"], None, "labels must be unique"),
+    (None, "ChartBench", "GRPO: no dataset 'ChartBench'"),
+])
+def test_curves_reject_bad_labels_and_datasets(results, labels, dataset, message):
+    with pytest.raises(ValueError, match=message):
+        plots.plot_passk_curves(results, labels, dataset=dataset)
+
+
+def test_grid_has_one_subplot_per_dataset(results):
+    figure = plots.plot_passk_grid(results)
+    assert [ax.get_title() for ax in figure.axes] == ["ChartQA", "PlotQA"]
+    for ax in figure.axes:
+        assert len(ax.get_lines()) == 3
+        assert ax.xaxis.get_transform().base == 2
+    chartqa_grpo = figure.axes[0].get_lines()[0].get_ydata()
+    expected = results[0]["meta"]["per_dataset"]["ChartQA"]["pass_at_k"]
+    np.testing.assert_allclose(chartqa_grpo, [expected[str(k)] for k in KS])
+
+
+def test_improvement_in_percentage_points_over_the_baseline(results):
+    figure = plots.plot_improvement(results, baseline="PSR")
+    ax, = figure.axes
+    handles, labels = ax.get_legend_handles_labels()
+    assert labels == ["GRPO", "NSR"]
+    base = results[1]["pass_at_k"]
+    np.testing.assert_allclose(handles[1].get_ydata(),
+                               [(results[2]["pass_at_k"][str(k)] - base[str(k)]) * 100 for k in KS])
+    assert any(np.all(np.asarray(line.get_ydata()) == 0) for line in ax.get_lines())  # the zero line
+    assert "percentage points" in ax.get_ylabel() and "PSR" in ax.get_ylabel()
+    assert ax.get_xscale() == "log"
+    assert plots.plot_improvement(results).axes[0].get_legend_handles_labels()[1] == ["PSR", "NSR"]
+    with pytest.raises(ValueError, match="baseline 'base' is not one of the labels"):
+        plots.plot_improvement(results, baseline="base")
+
+
+def test_bars_at_chosen_k(results):
+    figure = plots.plot_passk_bars(results, ks=(1, 4, 16))
+    ax, = figure.axes
+    bars = ax.patches
+    assert len(bars) == 9
+    heights = [bar.get_height() for bar in bars]
+    expected = [r["pass_at_k"][str(k)] for r in results for k in (1, 4, 16)]
+    np.testing.assert_allclose(heights, expected)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["k=1", "k=4", "k=16"]
+    assert ax.get_ylim() == (0.0, 1.0)
+    assert legend_labels(ax) == list(METHODS)
+    with pytest.raises(ValueError, match=r"GRPO: no Pass@k for k=\[64\]"):
+        plots.plot_passk_bars(results, ks=(1, 64))
+
+
+@pytest.mark.parametrize("suffix, signature", [(".png", b"\x89PNG"), (".svg", b"<svg")])
+def test_every_figure_saves_png_and_svg(tmp_path, results, suffix, signature):
+    frame = pd.DataFrame({"step": [1, 2, 3], "loss": [1.0, 0.8, 0.7]})
+    draws = {
+        "curves": lambda path: plots.plot_passk_curves(results, save_to=path),
+        "grid": lambda path: plots.plot_passk_grid(results, save_to=path),
+        "improvement": lambda path: plots.plot_improvement(results, save_to=path),
+        "bars": lambda path: plots.plot_passk_bars(results, ks=(1, 2), save_to=path),
+        "training": lambda path: plots.plot_training_curves(frame, save_to=path),
+    }
+    for name, draw in draws.items():
+        path = tmp_path / "figs" / f"{name}{suffix}"
+        draw(path)
+        assert signature in path.read_bytes()[:400], name
+
+
+def test_unsupported_figure_format_is_rejected(tmp_path, results):
+    with pytest.raises(ValueError, match="unsupported figure format '.jpg'"):
+        plots.plot_passk_curves(results, save_to=tmp_path / "f.jpg")
+
+
+def training_log(scale=1.0):
+    steps = np.arange(1, 21)
+    return pd.DataFrame({
+        "step": steps, "loss": scale / steps, "learning_rate": 1e-5 * (1 - steps / 20),
+        "grad_norm": np.full(20, 0.5), "reward": 2 + steps * 0.1 * scale,
+        "rewards/format_reward/mean": np.full(20, 1.5), "rewards/accuracy_reward/mean": steps / 20,
+        "mode/kept_positive": steps % 4, "mode/kept_negative": 4 - steps % 4, "mode/empty_steps": steps // 10,
+        "mode/total_reward": 2 + steps * 0.1 * scale, "mode/accuracy": steps / 20, "epoch": steps / 20,
+    })
+
+
+def test_training_curves_default_panels_for_one_run():
+    figure = plots.plot_training_curves(training_log())
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles == ["loss", "learning rate", "gradient norm", "mean total reward", "mean reward per function",
+                      "accuracy", "samples kept per step", "empty steps (cumulative)"]
+    assert [line.get_label() for line in figure.axes[3].get_lines()] == ["run"]  # `reward`, not its twin
+    per_reward = figure.axes[4]
+    assert legend_labels(per_reward) == ["accuracy_reward", "format_reward"]
+    assert [line.get_label() for line in figure.axes[6].get_lines()] == ["kept_positive", "kept_negative"]
+    np.testing.assert_allclose(figure.axes[0].get_lines()[0].get_ydata(), 1 / np.arange(1, 21))
+    assert all(ax.get_xlabel() == "step" for ax in figure.axes)
+
+
+def test_training_curves_compare_runs_and_smooth():
+    runs = {"grpo": training_log(), "nsr": training_log(2.0).drop(columns=["mode/kept_positive", "mode/kept_negative"])}
+    figure = plots.plot_training_curves(runs, metrics=["loss", "reward"], smoothing=3)
+    assert [ax.get_title() for ax in figure.axes] == ["loss", "reward"]
+    loss_ax = figure.axes[0]
+    assert legend_labels(loss_ax) == ["grpo", "nsr"]
+    expected = pd.Series(2.0 / np.arange(1, 21)).rolling(3, min_periods=1).mean()
+    np.testing.assert_allclose(loss_ax.get_lines()[1].get_ydata(), expected)
+    overview = plots.plot_training_curves(runs)
+    kept_ax = overview.axes[6]
+    assert [line.get_label() for line in kept_ax.get_lines()] == ["grpo: kept_positive", "grpo: kept_negative"]
+
+
+def test_training_curves_fall_back_to_the_trainers_total_reward():
+    log = training_log().drop(columns=["reward"])
+    log["mode/total_reward"] = 7.0
+    reward_ax = plots.plot_training_curves(log).axes[3]
+    assert reward_ax.get_title() == "mean total reward"
+    np.testing.assert_array_equal(reward_ax.get_lines()[0].get_ydata(), np.full(20, 7.0))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"metrics": ["kl"]}, r"metric\(s\) \['kl'\] not in the logs"),
+    ({"smoothing": 0}, "smoothing must be at least 1"),
+])
+def test_training_curves_reject_bad_requests(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        plots.plot_training_curves(training_log(), **kwargs)
+
+
+def test_training_curves_need_a_known_metric():
+    with pytest.raises(ValueError, match="no known training metric"):
+        plots.plot_training_curves(pd.DataFrame({"step": [1], "epoch": [0.1]}))
+
+
+@pytest.mark.parametrize("kind, extra", [
+    ("curves", []), ("grid", []), ("improvement", ["--baseline", "B"]), ("bars", ["--ks", "1", "8"]),
+])
+def test_plot_cli_every_kind(tmp_path, results, kind, extra):
+    paths = [passk.write_results(r, tmp_path / f"{r['method']}.json") for r in results]
+    parser = argparse.ArgumentParser()
+    plots.add_cli_arguments(parser)
+    out = tmp_path / f"{kind}.svg"
+    args = parser.parse_args(["--results", *map(str, paths), "--labels", "A", "B", "C", "--out", str(out),
+                              "--kind", kind, *extra])
+    assert plots.run_from_cli(args) == 0
+    assert b"<svg" in out.read_bytes()[:400]
