@@ -64,7 +64,7 @@ class RunConfig:
     gradient_checkpointing: bool = _help("Recompute activations in backward to save memory.", default=True)
     learning_rate: float = _help("Peak learning rate.", default=1e-5)
     lr_scheduler_type: str = _help("transformers scheduler name.", default="constant")
-    warmup_ratio: float = _help("Fraction of steps of linear warm-up, in [0, 1).", default=0.0)
+    warmup_ratio: float = _help("Fraction of all steps spent in linear warm-up, in [0, 1).", default=0.0)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     max_grad_norm: float = _help("Gradient clipping norm (0: off).", default=1.0)
     loss_type: str = _help("TRL loss aggregation: " + ", ".join(LOSS_TYPES) + ".", default="dapo")

@@ -1,0 +1,306 @@
+"""Training: TRL's GRPOTrainer with the four objectives, plus construction from a RunConfig.
+
+``ChartRLTrainer`` changes TRL by three small overrides and copies none of its long methods:
+
+* ``_calculate_rewards`` keeps the gathered per-function rewards of the batch;
+* ``_generate_and_score_completions`` (after TRL's own) replaces the advantages with
+  :func:`nbhelpers.objectives.compute_advantages` for psr / nsr / w-reinforce and zeroes the
+  completion mask of left-out samples, so they leave both the loss and its token normaliser;
+* ``_compute_loss`` rescales the loss types that average over sequences (grpo, sapo, dr_grpo) so
+  that the average runs over kept sequences only.
+
+``mode: grpo`` runs TRL's GRPO unchanged. A step in which no sample is kept skips the optimizer
+(no update, no NaN) and is counted in the ``mode/empty_steps`` metric.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from .config import RunConfig, estimate_training_steps, save_resolved_config
+from .objectives import compute_advantages, format_mode_line, mode_statistics
+
+log = logging.getLogger(__name__)
+
+# Loss types whose TRL normaliser is a per-sequence average: rescaled to count kept sequences only.
+SEQUENCE_AVERAGED_LOSSES = ("grpo", "sapo", "dr_grpo")
+
+
+class ChartRLTrainer(GRPOTrainer):
+    """GRPOTrainer whose ``mode`` picks the objective (grpo, psr, nsr, w-reinforce)."""
+
+    def __init__(self, *args: Any, mode: str = "grpo", lambda_psr: float = 0.1, reward_threshold: float = 0.5,
+                 correctness_from: str = "accuracy", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.mode = mode
+        self.lambda_psr = lambda_psr
+        self.reward_threshold = reward_threshold
+        self.correctness_from = correctness_from
+        self.empty_steps = 0
+        self._skip_optimizer_step = False
+        self._last_rewards_per_func: torch.Tensor | None = None
+        if correctness_from == "accuracy" and "accuracy_reward" not in self.reward_func_names:
+            raise ValueError("correctness_from=accuracy needs a reward function named accuracy_reward; "
+                             f"got {self.reward_func_names}")
+
+    # -- rewards -> correctness -> advantages ------------------------------------------------
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards_per_func = rewards_per_func  # gathered over processes, (N_global, n_funcs)
+        return rewards_per_func
+
+    def correctness(self, rewards_per_func: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weighted total reward, correctness bit) per sample, from the gathered rewards."""
+        weights = self.reward_weights.to(rewards_per_func.device)
+        total = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        if self.correctness_from == "total":
+            return total, total >= self.reward_threshold
+        accuracy = torch.nan_to_num(rewards_per_func[:, self.reward_func_names.index("accuracy_reward")], nan=0.0)
+        return total, accuracy >= self.reward_threshold
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        train = self.model.training
+        num_generations = self.num_generations if train else self.num_generations_eval
+        total, correct = self.correctness(self._last_rewards_per_func)
+        advantages, keep = compute_advantages(self.mode, total, correct, num_generations, self.lambda_psr)
+        self._log_mode_statistics(correct, keep, total, train)
+        if self.mode == "grpo":
+            return output
+        local = slice(self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs))
+        keep_local = keep[local].to(output["completion_mask"].device)
+        output["advantages"] = advantages[local].to(output["advantages"].device)
+        output["completion_mask"] = output["completion_mask"] * keep_local.unsqueeze(1).to(
+            output["completion_mask"].dtype)
+        mask = output["completion_mask"] if "tool_mask" not in output else \
+            output["completion_mask"] * output["tool_mask"]
+        output["num_items_in_batch"] = self.accelerator.gather(mask.sum()).sum()
+        output["num_kept_sequences"] = keep.sum().to(output["completion_mask"].device)
+        if train and not bool(keep.any()):
+            self._skip_optimizer_step = True
+        return output
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        if self.mode == "grpo" or self.loss_type not in SEQUENCE_AVERAGED_LOSSES:
+            return loss
+        # TRL divides by the micro-batch's row count B; the objective averages over kept rows of the whole
+        # generation batch (all processes). DDP then averages over P processes, hence the factor P.
+        rows = inputs["completion_mask"].size(0)
+        steps = self.args.steps_per_generation if self.model.training else 1
+        kept = inputs["num_kept_sequences"].clamp(min=1).to(loss.dtype)
+        return loss * (rows * steps * self.accelerator.num_processes) / kept
+
+    # -- empty steps are no-ops -------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if getattr(optimizer, "_chartrl_skippable", False):
+            return optimizer
+        step = optimizer.step
+
+        def step_unless_empty(*args: Any, **kwargs: Any):
+            if self._skip_optimizer_step:
+                self._skip_optimizer_step = False
+                return None
+            return step(*args, **kwargs)
+
+        optimizer.step = step_unless_empty
+        optimizer._chartrl_skippable = True
+        return optimizer
+
+    # -- logging ------------------------------------------------------------------------------
+    def _log_mode_statistics(self, correct, keep, total, train: bool) -> None:
+        split = "train" if train else "eval"
+        stats = mode_statistics(self.mode, correct, keep, total)
+        if train and stats["empty"]:
+            self.empty_steps += 1
+        metrics = self._metrics[split]
+        metrics["mode/kept_positive"].append(stats["kept_positive"])
+        metrics["mode/kept_negative"].append(stats["kept_negative"])
+        metrics["mode/empty_steps"].append(float(self.empty_steps))
+        metrics["mode/total_reward"].append(stats["total_reward"])
+        metrics["mode/accuracy"].append(stats["accuracy"])
+        step = self.state.global_step + 1
+        if train and self.accelerator.is_main_process and (
+                step == 1 or step % max(1, self.args.logging_steps) == 0):
+            print(format_mode_line(self.mode, step, stats), flush=True)
+
+
+class EtaCallback(TrainerCallback):
+    """Prints the step estimate before training and an ETA from measured step times at each log."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.start_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start, self.start_step = time.monotonic(), state.global_step
+        if state.is_world_process_zero:
+            print(f"Training: steps {state.global_step} -> {state.max_steps}", flush=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        done = state.global_step - self.start_step
+        if not state.is_world_process_zero or self.start is None or done <= 0:
+            return
+        per_step = (time.monotonic() - self.start) / done
+        remaining = max(state.max_steps - state.global_step, 0) * per_step
+        print(f"[step {state.global_step}/{state.max_steps}] {per_step:.2f} s/step, ETA {_hms(remaining)}",
+              flush=True)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# ------------------------------------------------------------------------------------------ construction
+def _report_to(cfg: RunConfig) -> list[str]:
+    loggers = [r for r in cfg.report_to if r not in ("none", "tensorboard")]
+    if "wandb" in loggers and not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in
+                                   ("offline", "disabled")):
+        log.warning("report_to has wandb but neither WANDB_API_KEY nor WANDB_MODE=offline is set: "
+                    "W&B logging is off for this run (it never prompts).")
+        loggers.remove("wandb")
+    return loggers
+
+
+def grpo_config(cfg: RunConfig, run_dir: Path, dtype: str, use_cpu: bool, deepspeed_file: str | None) -> GRPOConfig:
+    """The TRL GRPOConfig equivalent of a RunConfig."""
+    from .rewards import reward_weights
+
+    return GRPOConfig(
+        output_dir=str(run_dir), seed=cfg.seed, data_seed=cfg.seed,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
+        num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, loss_type=cfg.loss_type, beta=cfg.beta,
+        temperature=cfg.temperature, top_p=cfg.top_p, reward_weights=reward_weights(reward_settings(cfg)),
+        logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        save_strategy="steps", report_to=_report_to(cfg), bf16=(dtype == "bf16"), fp16=(dtype == "fp16"),
+        gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=use_cpu, deepspeed=deepspeed_file,
+        remove_unused_columns=False, dataloader_num_workers=0, log_completions=False,
+        disable_tqdm=False,
+    )
+
+
+def _reward_weight_names(weights: dict) -> dict:
+    return {name if name.endswith("_reward") else f"{name}_reward": float(w) for name, w in weights.items()}
+
+
+def reward_settings(cfg: RunConfig):
+    """The rewards' settings (weights, length window, embedding model, verbosity) of a RunConfig."""
+    from .rewards import RewardSettings
+
+    return RewardSettings(weights=_reward_weight_names(cfg.reward_weights),
+                          length_window_words=tuple(int(v) for v in cfg.length_window),
+                          embedding_model=cfg.embedding_model, verbose=cfg.verbose_rewards)
+
+
+def build_reward_functions(cfg: RunConfig) -> list:
+    from .rewards import build_reward_funcs
+
+    return build_reward_funcs(reward_settings(cfg))
+
+
+def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list | None = None,
+                  model=None, processor=None, train_dataset=None) -> ChartRLTrainer:
+    """Everything a training run needs, from a validated configuration (model/data injectable for tests)."""
+    from . import data, models
+    from .platform import deepspeed_config_path, detect_platform, resolve_dtype
+
+    platform = detect_platform()
+    dtype = resolve_dtype(cfg.dtype, platform)
+    run_dir = Path(run_dir or cfg.run_dir())
+    if processor is None:
+        processor = models.load_processor(cfg.vlm_name, cfg.max_pixels)
+    processor.tokenizer.padding_side = "left"
+    if train_dataset is None:
+        examples = data.load_examples(cfg.dataset_name, data_dir=cfg.data_dir, subset_size=cfg.subset_size,
+                                      seed=cfg.seed, drop_duplicates=cfg.drop_duplicates) \
+            if cfg.dataset_name == "chart-rvr-train" else \
+            data.load_examples(cfg.dataset_name, data_dir=cfg.data_dir, subset_size=cfg.subset_size, seed=cfg.seed)
+        train_dataset = data.to_trl_dataset(examples, cfg.max_pixels)
+    if model is None:
+        model = models.load_model(cfg.vlm_name, models.torch_dtype(dtype), attn_implementation=cfg.attn_implementation)
+    peft_config = models.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules) \
+        if cfg.finetune == "lora" else None
+    use_cpu = not torch.cuda.is_available()
+    deepspeed_file = str(deepspeed_config_path()) if cfg.deepspeed == "zero3" and not use_cpu else None
+    args = grpo_config(cfg, run_dir, dtype, use_cpu, deepspeed_file)
+    all_callbacks = [EtaCallback(), *(callbacks or [])]
+    if "tensorboard" in cfg.report_to:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        all_callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "logs"))))
+    trainer = ChartRLTrainer(
+        model=model, reward_funcs=build_reward_functions(cfg), args=args, train_dataset=train_dataset,
+        processing_class=processor, peft_config=peft_config, callbacks=all_callbacks,
+        mode=cfg.mode, lambda_psr=cfg.lambda_psr, reward_threshold=cfg.reward_threshold,
+        correctness_from=cfg.correctness_from)
+    return trainer
+
+
+def persistent_store(cfg: RunConfig) -> Path | None:
+    """The run's folder in the persistent store, or None when persistence is off."""
+    from .platform import detect_platform
+
+    root = cfg.persistent_root
+    if root in (None, "none", ""):
+        return None
+    if root == "auto":
+        root = detect_platform().persistent_root
+        if root is None:
+            return None
+    return Path(root) / cfg.resolved_run_name()
+
+
+def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
+    """Train (resuming from the newest complete checkpoint), save the final adapter/model; return the run folder."""
+    from .sync import CheckpointSync, CheckpointSyncCallback, find_resume_checkpoint, restore_newest
+
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved_config(cfg, run_dir)
+    store = persistent_store(cfg)
+    resume_from = None
+    if cfg.resume:
+        from accelerate import PartialState
+
+        with PartialState().main_process_first():  # one process restores; the others then read the result
+            if store is not None and store.is_dir() and PartialState().is_main_process:
+                restore_newest(store, run_dir)
+        resume_from = find_resume_checkpoint(run_dir)
+    sync = CheckpointSync(store, keep_last=cfg.save_total_limit) if store is not None else None
+    trainer = build_trainer(cfg, run_dir=run_dir, callbacks=[CheckpointSyncCallback(sync)], **build_kwargs)
+    problems = len(trainer.train_dataset)
+    estimate = estimate_training_steps(cfg, problems, trainer.accelerator.num_processes)
+    if trainer.accelerator.is_main_process:
+        print(f"Run folder: {run_dir}\nEstimate: {estimate}", flush=True)
+        print(f"Resuming from {resume_from}" if resume_from else "Starting fresh (no complete checkpoint)",
+              flush=True)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        final = run_dir / "final"
+        trainer.save_model(str(final))
+        if trainer.accelerator.is_main_process:
+            trainer.processing_class.save_pretrained(str(final))
+            trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
+    finally:
+        if sync is not None:
+            sync.wait()
+            sync.close()
+    return run_dir
+
+
+__all__ = ["ChartRLTrainer", "EtaCallback", "build_trainer", "grpo_config", "train", "persistent_store",
+           "SEQUENCE_AVERAGED_LOSSES"]

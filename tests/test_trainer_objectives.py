@@ -1,0 +1,195 @@
+"""Gradient tests of the four objectives on tiny-random (on-policy, one step, fixed seed, fp32).
+
+One generation batch per mode, drawn with the same seed from identical weights, so every mode sees the
+same rollouts. Correctness comes from a deterministic stand-in accuracy reward (parity of the
+completion's length), which gives a mix of correct and incorrect samples with random weights.
+"""
+
+import pytest
+import torch
+from trl import GRPOTrainer
+
+from nbhelpers import models
+from nbhelpers.config import load_config, resolve_parameter_file
+from nbhelpers.data import make_synthetic_examples, to_trl_dataset
+from nbhelpers.rewards import completion_text
+from nbhelpers.trainer import ChartRLTrainer, grpo_config
+
+G = 4
+PIXELS = 56 * 56
+
+
+def accuracy_reward(completions, **kwargs):
+    """Stand-in accuracy: a completion is 'correct' when its text has an even number of characters."""
+    return [float(len(completion_text(c)) % 2 == 0) for c in completions]
+
+
+def length_reward(completions, **kwargs):
+    return [len(completion_text(c)) / 10.0 for c in completions]
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return to_trl_dataset(make_synthetic_examples(4, seed=3), PIXELS)
+
+
+def make_trainer(tmp_path, dataset, mode, loss_type="dapo", stock=False, rewards=(accuracy_reward, length_reward)):
+    cfg = load_config([resolve_parameter_file("smoke", "presets")],
+                      {"mode": mode, "loss_type": loss_type, "max_completion_length": 12, "batch_size": 2 * G,
+                       "num_generations": G, "gradient_accumulation_steps": 1, "report_to": ["none"],
+                       "temperature": 1.0, "lora_dropout": 0.0})
+    args = grpo_config(cfg, tmp_path / f"{mode}-{loss_type}-{stock}", "fp32", use_cpu=True, deepspeed_file=None)
+    args.reward_weights = None
+    torch.manual_seed(0)
+    model = models.build_random_model("tiny-random")
+    processor = models.build_offline_processor(PIXELS)
+    processor.tokenizer.padding_side = "left"
+    common = dict(model=model, reward_funcs=list(rewards), args=args, train_dataset=dataset,
+                  processing_class=processor, peft_config=models.lora_config(r=4, alpha=8, dropout=0.0))
+    trainer = GRPOTrainer(**common) if stock else ChartRLTrainer(**common, mode=mode, lambda_psr=0.1)
+    # LoRA B starts at zero, which would make every gradient w.r.t. A vanish: give B values.
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    return trainer
+
+
+def one_step(trainer, dataset):
+    """Generate + score one batch (2 prompts x G) with a fixed seed; return (inputs, loss, grads)."""
+    inputs = [dataset[i] for i in (0, 1) for _ in range(G)]
+    torch.manual_seed(1234)
+    batch = trainer._generate_and_score_completions(inputs)
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.model.zero_grad()
+    return batch, loss.detach(), grads
+
+
+def token_logps(trainer, batch):
+    """Per-token log-probabilities of the batch's completions under the trainer's model (as TRL feeds them)."""
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    multimodal = {k: batch.get(k) for k in ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask",
+                                              "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids",
+                                              "mm_token_type_ids", "image_position_ids")}
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention,
+                                                             batch["completion_ids"].size(1), **multimodal)
+    return logps
+
+
+def reference_grads(trainer, batch, mask, weights, normaliser):
+    """Gradient of sum_i weights_i * sum_t mask_it * (-log p_it) / normaliser."""
+    trainer.model.zero_grad()
+    logps = token_logps(trainer, batch)
+    loss = -(logps * mask * weights.unsqueeze(1)).sum() / normaliser
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.model.zero_grad()
+    return grads
+
+
+def assert_grads_close(actual, expected):
+    assert actual.keys() == expected.keys()
+    total = sum(float(g.abs().sum()) for g in expected.values())
+    assert total > 0, "reference gradient is zero: the test would prove nothing"
+    for name in actual:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+@pytest.fixture(scope="module")
+def rollouts(tmp_path_factory, dataset):
+    """Each mode's batch, loss and gradients on the same rollouts, plus the full completion mask."""
+    tmp = tmp_path_factory.mktemp("grad")
+    out = {}
+    for mode in ("grpo", "psr", "nsr", "w-reinforce"):
+        trainer = make_trainer(tmp, dataset, mode)
+        batch, loss, grads = one_step(trainer, dataset)
+        correct = trainer._last_rewards_per_func[:, 0] >= 0.5
+        out[mode] = dict(trainer=trainer, batch=batch, loss=loss, grads=grads, correct=correct)
+    full_mask = out["grpo"]["batch"]["completion_mask"].float()
+    for mode in out:
+        assert torch.equal(out[mode]["batch"]["completion_ids"], out["grpo"]["batch"]["completion_ids"])
+    correct = out["grpo"]["correct"]
+    assert 0 < int(correct.sum()) < correct.numel(), "need both correct and incorrect samples"
+    return out, full_mask, correct
+
+
+def test_psr_gradient_is_token_mean_nll_of_correct_completions(rollouts):
+    out, mask, correct = rollouts
+    m = mask * correct.unsqueeze(1)
+    ref = reference_grads(out["psr"]["trainer"], out["psr"]["batch"], m, torch.ones(len(correct)), m.sum())
+    assert_grads_close(out["psr"]["grads"], ref)
+
+
+def test_nsr_gradient_is_negated_token_mean_nll_of_incorrect_completions(rollouts):
+    out, mask, correct = rollouts
+    m = mask * (~correct).unsqueeze(1)
+    ref = reference_grads(out["nsr"]["trainer"], out["nsr"]["batch"], m, -torch.ones(len(correct)), m.sum())
+    assert_grads_close(out["nsr"]["grads"], ref)
+
+
+def test_w_reinforce_is_lambda_psr_plus_nsr(rollouts):
+    """With the batch's own token normaliser T: T * grad_W = lambda * T_c * grad_PSR + T_i * grad_NSR."""
+    out, mask, correct = rollouts
+    t_all = mask.sum()
+    t_c = (mask * correct.unsqueeze(1)).sum()
+    t_i = t_all - t_c
+    combined = {n: (0.1 * t_c * out["psr"]["grads"][n] + t_i * out["nsr"]["grads"][n]) / t_all
+                for n in out["psr"]["grads"]}
+    assert_grads_close(out["w-reinforce"]["grads"], combined)
+    weights = torch.where(correct, torch.tensor(0.1), torch.tensor(-1.0))
+    ref = reference_grads(out["w-reinforce"]["trainer"], out["w-reinforce"]["batch"], mask, weights, t_all)
+    assert_grads_close(out["w-reinforce"]["grads"], ref)
+
+
+def test_grpo_mode_matches_stock_trl(tmp_path, dataset, rollouts):
+    out, _, _ = rollouts
+    stock = make_trainer(tmp_path, dataset, "grpo", stock=True)
+    batch, loss, grads = one_step(stock, dataset)
+    assert torch.equal(batch["completion_ids"], out["grpo"]["batch"]["completion_ids"])
+    torch.testing.assert_close(out["grpo"]["batch"]["advantages"], batch["advantages"])
+    torch.testing.assert_close(out["grpo"]["loss"], loss, rtol=1e-6, atol=0)
+    assert_grads_close(out["grpo"]["grads"], grads)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "bnpo", "cispo"])
+def test_left_out_samples_leave_the_normaliser_for_every_loss_type(tmp_path, dataset, loss_type, rollouts):
+    _, mask, correct = rollouts
+    trainer = make_trainer(tmp_path, dataset, "psr", loss_type=loss_type)
+    batch, _, grads = one_step(trainer, dataset)
+    m = mask * correct.unsqueeze(1)
+    kept = correct.float()
+    if loss_type == "grpo":  # mean over kept sequences of each sequence's token mean
+        weights, norm = kept / m.sum(1).clamp(min=1), kept.sum()
+    elif loss_type == "dr_grpo":  # constant max_completion_length per kept sequence
+        weights, norm = kept, kept.sum() * trainer.max_completion_length
+    elif loss_type == "cispo":  # token mean over kept tokens, with the detached ratio clamped at epsilon_high
+        weights, norm = kept * min(1.0, trainer.epsilon_high), m.sum()
+    else:  # bnpo: token mean over kept tokens (one micro-batch)
+        weights, norm = kept, m.sum()
+    ref = reference_grads(trainer, batch, m, weights, norm)
+    assert_grads_close(grads, ref)
+
+
+def test_empty_batch_is_a_logged_no_op(tmp_path, dataset):
+    def never_correct(completions, **kwargs):
+        return [0.0 for _ in completions]
+
+    never_correct.__name__ = "accuracy_reward"
+    trainer = make_trainer(tmp_path, dataset, "psr", rewards=(never_correct, length_reward))
+    trainer.args.max_steps = 2
+    trainer.args.save_strategy = "no"
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    after = dict(trainer.model.named_parameters())
+    assert all(torch.equal(before[n], after[n].detach()) for n in before), "an empty step changed the weights"
+    logged = [h for h in trainer.state.log_history if "mode/empty_steps" in h]
+    assert logged and logged[-1]["mode/empty_steps"] >= 1
+    assert trainer.empty_steps == 2
