@@ -1,0 +1,138 @@
+"""End-to-end training on the smoke preset (CPU, tiny-random, synthetic charts).
+
+Slow checks that run once: every mode trains 2 steps and writes logs, checkpoints and its resolved
+configuration; a training process SIGKILLed at random moments (also mid-save and mid-sync) and
+restarted ends at the same step with the same adapter weights as an uninterrupted run.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from nbhelpers.config import load_config, resolve_parameter_file
+from nbhelpers.sync import find_resume_checkpoint, is_complete_checkpoint
+from nbhelpers.trainer import train
+
+pytestmark = pytest.mark.slow
+MODES = ("grpo", "psr", "nsr", "w-reinforce")
+
+
+def smoke_config(mode, root, **overrides):
+    files = [resolve_parameter_file(mode, "modes"), resolve_parameter_file("smoke", "presets"),
+             resolve_parameter_file("local-cpu", "platforms")]
+    return load_config(files, {"output_root": str(root), **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return {mode: train(smoke_config(mode, root)) for mode in MODES}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_mode_trains_and_writes_logs_and_checkpoints(trained_runs, mode):
+    run = trained_runs[mode]
+    assert run.name.startswith(f"{mode}_tiny-random_synthetic_n8_s42")
+    assert load_config(overrides=__import__("yaml").safe_load((run / "config.yaml").read_text())["config"]).mode == mode
+    state = json.loads((run / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    logged = [h for h in state["log_history"] if "loss" in h]
+    assert len(logged) == 2
+    for key in ("mode/kept_positive", "mode/kept_negative", "mode/empty_steps", "mode/total_reward",
+                "rewards/accuracy_reward/mean", "rewards/format_reward/mean"):
+        assert key in logged[-1], key
+    assert list((run / "logs").glob("events.out.tfevents.*")), "no TensorBoard events"
+    newest = find_resume_checkpoint(run)
+    assert newest is not None and newest.name == "checkpoint-2" and is_complete_checkpoint(newest, True)
+    assert (newest / "adapter_model.safetensors").is_file()
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_psr_with_no_correct_sample_is_a_logged_no_op(trained_runs):
+    # tiny-random never answers correctly, so every PSR step keeps nothing.
+    state = json.loads((trained_runs["psr"] / "trainer_state.json").read_text())
+    logged = [h for h in state["log_history"] if "loss" in h]
+    assert [h["mode/kept_positive"] for h in logged] == [0.0, 0.0]
+    assert logged[-1]["mode/empty_steps"] == 2.0
+    first = load_file(trained_runs["psr"] / "checkpoint-1" / "adapter_model.safetensors") \
+        if (trained_runs["psr"] / "checkpoint-1").exists() else None
+    final = load_file(trained_runs["psr"] / "final" / "adapter_model.safetensors")
+    nsr = load_file(trained_runs["nsr"] / "final" / "adapter_model.safetensors")
+    # NSR (all samples negative) moved the same initial adapter; PSR did not.
+    assert any((final[k] != nsr[k]).any() for k in final)
+    if first is not None:
+        assert all((first[k] == final[k]).all() for k in final)
+
+
+# ------------------------------------------------------------------------------------------ kill and resume
+def train_command(root, store, steps):
+    return [sys.executable, "-m", "nbhelpers", "train", "--params", "smoke", "--params", "nsr",
+            "--set", f"output_root={root}", "--set", f"persistent_root={store}", "--set", f"max_steps={steps}",
+            "--set", "save_total_limit=2"]
+
+
+def run_to_completion(cmd, cwd):
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def kill_when(cmd, cwd, condition, timeout=120.0):
+    """Start ``cmd``, SIGKILL it as soon as ``condition()`` holds (or after ``timeout``); True if it was killed."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if condition():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.01)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    return proc.returncode == -signal.SIGKILL
+
+
+def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
+    steps = 4
+    reference = run_to_completion(train_command(tmp_path / "ref", "none", steps), tmp_path)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    ref_run = next((tmp_path / "ref").iterdir())
+
+    root, store = tmp_path / "runs", tmp_path / "store"
+    cmd = train_command(root, store, steps)
+    run_dir = lambda: next(root.iterdir(), None) if root.exists() else None  # noqa: E731
+
+    def saving_checkpoint():  # a checkpoint folder exists whose manifest is not written yet
+        run = run_dir()
+        return run is not None and any(not (c / "chartrl-manifest.json").exists() for c in run.glob("checkpoint-*"))
+
+    def syncing():  # a copy into the persistent store is under way
+        return store.exists() and any(store.glob("*/.partial-*"))
+
+    killed = [kill_when(cmd, tmp_path, saving_checkpoint), kill_when(cmd, tmp_path, syncing)]
+    rng = random.Random(os.getpid())
+    for _ in range(2):  # and at random moments
+        start = time.monotonic()
+        delay = rng.uniform(2.0, 9.0)
+        killed.append(kill_when(cmd, tmp_path, lambda: time.monotonic() - start > delay))
+    assert any(killed), "no attempt was interrupted: the test proved nothing"
+    final = run_to_completion(cmd, tmp_path)
+    assert final.returncode == 0, final.stderr[-2000:]
+
+    run = run_dir()
+    state = json.loads((run / "trainer_state.json").read_text())
+    assert state["global_step"] == steps
+    a = load_file(ref_run / "final" / "adapter_model.safetensors")
+    b = load_file(run / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all((a[k] == b[k]).all() for k in a), "resumed weights differ from the uninterrupted run"
+    stored = sorted(p.name for p in (store / run.name).glob("checkpoint-*"))
+    assert stored and all(is_complete_checkpoint(store / run.name / s, True) for s in stored)
+    assert f"checkpoint-{steps}" in stored
