@@ -180,24 +180,39 @@ def build_random_model(name: str, dtype: torch.dtype = torch.float32, device: st
         torch.manual_seed(TINY_WEIGHT_SEED)
         with torch.device(device):
             model = Qwen2_5_VLForConditionalGeneration(cfg)
+    model.config._name_or_path = name  # adapters and saved configs then name their base
+    model.name_or_path = name
     return model.to(dtype) if str(device) != "meta" else model
 
 
 def load_processor(vlm_name: str, max_pixels: int, min_pixels: int | None = None):
-    """The processor of a registry model or folder, with the image pixel budget applied."""
+    """The processor of a registry model or folder, with the image pixel budget applied.
+
+    An adapter folder uses its base model's processor; so does a folder trained from an offline
+    random model (its config names the registry entry).
+    """
     kind, location = resolve_model(vlm_name)
     if kind == "random":
         return build_offline_processor(max_pixels, min_pixels, tiny=(vlm_name == "tiny-random"))
+    if kind == "local":
+        base = _local_base(location)
+        if base is not None:
+            return load_processor(base, max_pixels, min_pixels)
     from transformers import AutoProcessor
 
-    base = location
-    if kind == "local" and (Path(location) / "adapter_config.json").is_file() \
-            and not (Path(location) / "preprocessor_config.json").is_file():
-        base = _adapter_base(location)
-        return load_processor(base, max_pixels, min_pixels)
-    processor = AutoProcessor.from_pretrained(base, min_pixels=min(min_pixels or 28 * 28, max_pixels),
-                                              max_pixels=max_pixels)
-    return processor
+    return AutoProcessor.from_pretrained(location, min_pixels=min(min_pixels or 28 * 28, max_pixels),
+                                         max_pixels=max_pixels)
+
+
+def _local_base(folder: str) -> str | None:
+    """The model a local folder builds on: an adapter's base, or a random registry model it was trained from."""
+    import json
+
+    if (Path(folder) / "adapter_config.json").is_file():
+        return _adapter_base(folder)
+    config = json.loads((Path(folder) / "config.json").read_text())
+    name = config.get("_name_or_path") or config.get("name_or_path")
+    return name if name in MODEL_REGISTRY and MODEL_REGISTRY[name].source == "random" else None
 
 
 def _adapter_base(adapter_dir: str) -> str:
@@ -220,7 +235,7 @@ def load_model(vlm_name: str, dtype: torch.dtype = torch.float32, device: str | 
         from peft import PeftModel
 
         base = load_model(_adapter_base(location), dtype, device, attn_implementation)
-        return PeftModel.from_pretrained(base, location, is_trainable=False)
+        return PeftModel.from_pretrained(base, location, is_trainable=False).to(device)
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(

@@ -1,0 +1,153 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from nbhelpers import sampling
+from nbhelpers.config import load_config, resolve_parameter_file
+from nbhelpers.passk import read_samples
+from nbhelpers.sampling import SamplesWriter, finished_problems, repair_samples_file
+
+
+def smoke(**overrides):
+    return load_config([resolve_parameter_file("smoke", "presets"), resolve_parameter_file("local-cpu", "platforms")],
+                       overrides)
+
+
+def record(i, dataset="synthetic"):
+    return {"id": str(i), "dataset": dataset, "question": "q", "answer": "1", "completions": ["a", "b"],
+            "correct": [True, False], "meta": {}}
+
+
+REPAIRS = [  # file content, bytes removed, ids left
+    (b"", 0, set()),
+    (json.dumps(record(1)).encode() + b"\n", 0, {("synthetic", "1")}),
+    (json.dumps(record(1)).encode() + b"\n" + json.dumps(record(2)).encode()[:20], 20, {("synthetic", "1")}),
+    (json.dumps(record(1)).encode() + b"\n{\"id\": \"2\", \"dat\n", 17, {("synthetic", "1")}),
+]
+
+
+@pytest.mark.parametrize("content,removed,ids", REPAIRS)
+def test_repair_truncated_last_line(tmp_path, content, removed, ids):
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(content)
+    assert repair_samples_file(path) == removed
+    assert finished_problems(path) == ids
+
+
+def test_writer_skips_finished_problems_and_never_duplicates(tmp_path):
+    path = tmp_path / "s.jsonl"
+    with SamplesWriter(path) as w:
+        w.write(record(1))
+        w.write(record(1))
+    with SamplesWriter(path) as w:
+        assert ("synthetic", "1") in w.done
+        w.write(record(1))
+        w.write(record(2))
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["1", "2"]
+
+
+def test_bad_line_in_the_middle_names_file_and_line(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps(record(1)) + "\n{oops}\n" + json.dumps(record(2)) + "\n")
+    with pytest.raises(ValueError, match=r"s\.jsonl line 2"):
+        finished_problems(path)
+
+
+def test_out_of_memory_halves_the_chunk(monkeypatch):
+    calls = []
+
+    def fake_sample(model, inputs, n, **kwargs):
+        calls.append(n)
+        if n > 2:
+            raise torch.cuda.OutOfMemoryError("fake")
+        return [[1, 2]] * n
+
+    monkeypatch.setattr("nbhelpers.rollout.sample_completions", fake_sample)
+    model = torch.nn.Linear(1, 1)
+    out = sampling.generate_in_chunks(model, {"input_ids": torch.ones(1, 3, dtype=torch.long)}, 7, 8,
+                                      max_new_tokens=4, temperature=1.0, top_p=1.0, eos_token_ids=[0],
+                                      pad_token_id=0, seed=0)
+    assert len(out) == 7
+    assert calls[:3] == [7, 3, 1] and all(c == 1 for c in calls[2:])  # 7 -> 3 -> 1, then stays
+
+
+def test_problem_seed_is_order_independent():
+    assert sampling.problem_seed(1, "d", "a") == sampling.problem_seed(1, "d", "a")
+    assert len({sampling.problem_seed(1, "d", i) for i in "abcdef"}) == 6
+    assert sampling.problem_seed(1, "d", "a") != sampling.problem_seed(2, "d", "a")
+
+
+def sample_command(out, problems):
+    return [sys.executable, "-m", "nbhelpers", "sample", "--params", "smoke", "--params", "local-cpu",
+            "--out", str(out), "--set", f"max_problems={problems}", "--set", "n_samples=8"]
+
+
+@pytest.mark.slow
+def test_killed_sampling_resumes_to_the_same_file(tmp_path):
+    problems = 6
+    full = tmp_path / "full.jsonl"
+    done = subprocess.run(sample_command(full, problems), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    part = tmp_path / "part.jsonl"
+    proc = subprocess.Popen(sample_command(part, problems), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if part.exists() and part.read_text().count("\n") >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "sampling finished before it could be killed"
+    with open(part, "ab") as fh:  # as if the kill had landed mid-write
+        fh.write(b'{"id": "synthetic-test-42-9", "dataset": "synth')
+    again = subprocess.run(sample_command(part, problems), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+
+    def by_id(path):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        return {(r["dataset"], r["id"]): r for r in records}, len(records)
+
+    a, count_a = by_id(full)
+    b, count_b = by_id(part)
+    assert count_a == count_b == problems and a.keys() == b.keys()
+    for key in a:  # each problem draws from its own seed, so resumed samples equal uninterrupted ones
+        assert a[key]["completions"] == b[key]["completions"]
+        assert a[key]["correct"] == b[key]["correct"]
+        assert len(a[key]["completions"]) == 8
+    assert len(read_samples(part)) == problems
+
+
+def test_eval_accuracy_per_dataset(tmp_path):
+    from nbhelpers import models
+    from nbhelpers.data import load_examples
+
+    cfg = smoke(max_problems=3, sample_max_new_tokens=16)
+    processor = models.build_offline_processor(cfg.eval_max_pixels)
+    gold = [e["answer"] for e in load_examples("synthetic", split="test", subset_size=3, seed=cfg.seed)]
+
+    class ScriptedModel(torch.nn.Module):
+        """Answers the first problem correctly and the others wrongly, through the real decode path."""
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.calls = 0
+
+        def generate(self, input_ids, **kwargs):
+            text = f"<answer>{gold[0]}</answer>" if self.calls == 0 else "<answer>no idea</answer>"
+            self.calls += 1
+            ids = torch.tensor([processor.tokenizer.encode(text)])
+            return torch.cat([input_ids, ids], dim=1)
+
+    out = tmp_path / "acc.json"
+    result = sampling.evaluate_accuracy(cfg, ["synthetic"], out, model=ScriptedModel(), processor=processor)
+    saved = json.loads(out.read_text())
+    assert saved == result
+    assert saved["datasets"]["synthetic"]["all"] == {"n": 3, "accuracy": 1 / 3}
