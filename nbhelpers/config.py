@@ -97,6 +97,7 @@ class RunConfig:
     max_completion_length: int = _help("Maximum completion tokens during training.", default=768)
     temperature: float = _help("Sampling temperature of training rollouts.", default=1.0)
     top_p: float = _help("Top-p of training rollouts, in (0, 1].", default=1.0)
+    top_k: int = _help("Top-k of training rollouts (0: off; 1: greedy, for reproducibility checks).", default=0)
     max_pixels: int = _help("Pixel budget of training images (width x height).", default=320 * 28 * 28)
     eval_max_pixels: int = _help("Pixel budget of evaluation images.", default=480 * 28 * 28)
     rollout_engine: str = _help("auto (fast engine on CUDA, else stock), stock, fast or vllm.",
@@ -338,6 +339,8 @@ def validate(cfg: RunConfig, sources: dict[str, str] | None = None) -> None:
     for key in ("top_p", "sample_top_p"):
         if not 0 < getattr(cfg, key) <= 1:
             fail(key, f"must be in (0, 1], got {getattr(cfg, key)}")
+    if cfg.top_k < 0:
+        fail("top_k", f"must be >= 0, got {cfg.top_k}")
     if not 0 <= cfg.lora_dropout < 1:
         fail("lora_dropout", f"must be in [0, 1), got {cfg.lora_dropout}")
     if not 0 <= cfg.warmup_ratio < 1:
