@@ -38,9 +38,11 @@ class ChartRLTrainer(GRPOTrainer):
     """GRPOTrainer whose ``mode`` picks the objective (grpo, psr, nsr, w-reinforce)."""
 
     def __init__(self, *args: Any, mode: str = "grpo", lambda_psr: float = 0.1, reward_threshold: float = 0.5,
-                 correctness_from: str = "accuracy", **kwargs: Any) -> None:
+                 correctness_from: str = "accuracy", rollout_engine: str = "stock", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.mode = mode
+        self.rollout_engine = rollout_engine
+        self._fast_rollouts: bool | None = None  # decided at the first generation
         self.lambda_psr = lambda_psr
         self.reward_threshold = reward_threshold
         self.correctness_from = correctness_from
@@ -50,6 +52,30 @@ class ChartRLTrainer(GRPOTrainer):
         if correctness_from == "accuracy" and "accuracy_reward" not in self.reward_func_names:
             raise ValueError("correctness_from=accuracy needs a reward function named accuracy_reward; "
                              f"got {self.reward_func_names}")
+
+    # -- rollouts ------------------------------------------------------------------------------
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if self._use_fast_rollouts():
+            from .rollout import trainer_generate
+
+            return trainer_generate(self, prompt_ids, multimodal_fields, num_generations)
+        return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                             has_tool_images)
+
+    def _use_fast_rollouts(self) -> bool:
+        """auto: the fast engine where it can run (else stock, saying why once); fast: required; else stock."""
+        if self._fast_rollouts is None:
+            self._fast_rollouts = False
+            if self.rollout_engine in ("auto", "fast"):
+                from .rollout import trainer_rollout_unavailable_reason
+
+                reason = trainer_rollout_unavailable_reason(self)
+                if reason is not None and self.rollout_engine == "fast":
+                    raise RuntimeError(f"rollout_engine 'fast' cannot run here: {reason}")
+                if reason is not None:
+                    log.warning("fast rollout engine off (%s); training uses TRL's generate", reason)
+                self._fast_rollouts = reason is None
+        return self._fast_rollouts
 
     # -- rewards -> correctness -> advantages ------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -188,6 +214,7 @@ def grpo_config(cfg: RunConfig, run_dir: Path, dtype: str, use_cpu: bool, deepsp
         save_strategy="steps", report_to=_report_to(cfg), bf16=(dtype == "bf16"), fp16=(dtype == "fp16"),
         gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=use_cpu, deepspeed=deepspeed_file,
         remove_unused_columns=False, dataloader_num_workers=0, log_completions=False,
+        use_vllm=(cfg.rollout_engine == "vllm"),
         disable_tqdm=False,
     )
 
@@ -246,7 +273,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list |
         model=model, reward_funcs=build_reward_functions(cfg), args=args, train_dataset=train_dataset,
         processing_class=processor, peft_config=peft_config, callbacks=all_callbacks,
         mode=cfg.mode, lambda_psr=cfg.lambda_psr, reward_threshold=cfg.reward_threshold,
-        correctness_from=cfg.correctness_from)
+        correctness_from=cfg.correctness_from, rollout_engine=cfg.rollout_engine)
     return trainer
 
 
