@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import time
@@ -143,6 +144,11 @@ class ChartRLTrainer(GRPOTrainer):
         return optimizer
 
     # -- logging ------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if torch.cuda.is_available():
+            logs["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30  # this process's GPU, GiB
+        super().log(logs, start_time)
+
     def _log_mode_statistics(self, correct, keep, total, train: bool) -> None:
         split = "train" if train else "eval"
         stats = mode_statistics(self.mode, correct, keep, total)
@@ -242,7 +248,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list |
                   model=None, processor=None, train_dataset=None) -> ChartRLTrainer:
     """Everything a training run needs, from a validated configuration (model/data injectable for tests)."""
     from . import data, models
-    from .platform import deepspeed_config_path, detect_platform, resolve_dtype
+    from .platform import detect_platform, resolve_dtype
 
     platform = detect_platform()
     dtype = resolve_dtype(cfg.dtype, platform)
@@ -261,7 +267,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list |
     peft_config = models.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules) \
         if cfg.finetune == "lora" else None
     use_cpu = not torch.cuda.is_available()
-    deepspeed_file = str(deepspeed_config_path()) if cfg.deepspeed == "zero3" and not use_cpu else None
+    deepspeed_file = _in_process_deepspeed_file(cfg, use_cpu)
     args = grpo_config(cfg, run_dir, dtype, use_cpu, deepspeed_file)
     all_callbacks = [EtaCallback(), *(callbacks or [])]
     if "tensorboard" in cfg.report_to:
@@ -275,6 +281,18 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list |
         mode=cfg.mode, lambda_psr=cfg.lambda_psr, reward_threshold=cfg.reward_threshold,
         correctness_from=cfg.correctness_from, rollout_engine=cfg.rollout_engine)
     return trainer
+
+
+def _in_process_deepspeed_file(cfg: RunConfig, use_cpu: bool) -> str | None:
+    """The DeepSpeed JSON for a run started in-process; under ``accelerate launch`` its config file rules."""
+    from .platform import deepspeed_config_path
+
+    if cfg.deepspeed != "zero3" or use_cpu or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        return None
+    if importlib.util.find_spec("deepspeed") is None:
+        log.warning("deepspeed: zero3 asked for but the deepspeed package is not installed; training without it")
+        return None
+    return str(deepspeed_config_path())
 
 
 def persistent_store(cfg: RunConfig) -> Path | None:
@@ -317,6 +335,9 @@ def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
               flush=True)
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if torch.cuda.is_available():
+            print(f"process {trainer.accelerator.process_index}: peak GPU memory "
+                  f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
         final = run_dir / "final"
         trainer.save_model(str(final))
         if trainer.accelerator.is_main_process:

@@ -54,8 +54,13 @@ def test_shipped_launch_configs():
         path = accelerate_config_path(procs, "zero3")
         cfg = yaml.safe_load(path.read_text())
         assert cfg["distributed_type"] == "DEEPSPEED" and cfg["num_processes"] == procs
-        assert (path.parent / cfg["deepspeed_config"]["deepspeed_config_file"]).is_file()
+        assert cfg["deepspeed_config"]["zero_stage"] == 3
     assert accelerate_config_path(1, None).is_file() and accelerate_config_path(2, None).is_file()
+    import json
+
+    from nbhelpers.platform import deepspeed_config_path
+
+    assert json.loads(deepspeed_config_path().read_text())["zero_optimization"]["stage"] == 3
 
 
 REGISTRY = [
