@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Two GPUs, DeepSpeed ZeRO-3 through accelerate, on the real 3B architecture with random weights:
+# every mode for a few steps (s/step and peak memory per GPU from the logs), the fp16 (T4) path, and a
+# kill-and-resume check against an uninterrupted run. Usage: bash benchmarks/two_gpu.sh OUT_DIR [part]
+# part: modes | resume | all (default). Needs 2 GPUs, deepspeed, and this repo's requirements.
+set -uo pipefail
+OUT=${1:?output folder}; PART=${2:-all}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+LAUNCH=(accelerate launch --config_file nbhelpers/launch_configs/zero3-2gpu.yaml -m nbhelpers train)
+COMMON=(--params smoke --set vlm_name=qwen2-5-3b-random --set max_completion_length=64 --set batch_size=2
+        --set num_generations=2 --set gradient_accumulation_steps=1 --set save_steps=1 --set save_total_limit=2
+        --set max_pixels=250880 --set persistent_root=none --set rollout_engine=stock --set learning_rate=1e-5
+        --set gradient_checkpointing=true --set subset_size=8 --set deepspeed=zero3 --set num_processes=2)
+
+python3 - <<'PY'
+import torch, transformers, trl, peft, accelerate, deepspeed
+print("versions", torch.__version__, transformers.__version__, trl.__version__, peft.__version__,
+      accelerate.__version__, deepspeed.__version__, [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
+PY
+
+if [ "$PART" = modes ] || [ "$PART" = all ]; then
+  for mode in grpo psr nsr w-reinforce; do
+    "${LAUNCH[@]}" --params "$mode" "${COMMON[@]}" --set dtype=bf16 --set max_steps=3 \
+      --set output_root="$OUT/runs-bf16" > "$OUT/$mode-bf16.log" 2>&1
+    echo "mode $mode bf16 exit $?"; grep -E "peak GPU memory|s/step" "$OUT/$mode-bf16.log" | tail -3
+  done
+  "${LAUNCH[@]}" --params nsr "${COMMON[@]}" --set dtype=fp16 --set max_steps=2 \
+    --set output_root="$OUT/runs-fp16" > "$OUT/nsr-fp16.log" 2>&1
+  echo "mode nsr fp16 exit $?"; grep -E "peak GPU memory|s/step" "$OUT/nsr-fp16.log" | tail -3
+fi
+
+if [ "$PART" = resume ] || [ "$PART" = all ]; then
+  ARGS=(--params nsr "${COMMON[@]}" --set dtype=bf16 --set max_steps=4)
+  "${LAUNCH[@]}" "${ARGS[@]}" --set output_root="$OUT/ref" > "$OUT/ref.log" 2>&1; echo "reference exit $?"
+  "${LAUNCH[@]}" "${ARGS[@]}" --set output_root="$OUT/killed" > "$OUT/killed-1.log" 2>&1 &
+  pid=$!
+  until ls "$OUT"/killed/*/checkpoint-2/chartrl-manifest.json >/dev/null 2>&1 || ! kill -0 $pid 2>/dev/null; do sleep 1; done
+  pkill -9 -f "nbhelpers train" ; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null; echo "killed after checkpoint-2"
+  sleep 3
+  "${LAUNCH[@]}" "${ARGS[@]}" --set output_root="$OUT/killed" > "$OUT/killed-2.log" 2>&1; echo "resumed exit $?"
+  grep -h "Resuming from" "$OUT/killed-2.log"
+  python3 - "$OUT" <<'PY'
+import glob, json, sys
+from safetensors.torch import load_file
+out = sys.argv[1]
+a = load_file(glob.glob(f"{out}/ref/*/final/adapter_model.safetensors")[0])
+b = load_file(glob.glob(f"{out}/killed/*/final/adapter_model.safetensors")[0])
+steps = [json.load(open(glob.glob(f"{out}/{d}/*/trainer_state.json")[0]))["global_step"] for d in ("ref", "killed")]
+diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+print("resume check: steps", steps, "same keys", a.keys() == b.keys(), "max abs diff", diff,
+      "bitwise", all(bool((a[k] == b[k]).all()) for k in a))
+PY
+fi
