@@ -265,8 +265,12 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list |
     if model is None:
         from accelerate import PartialState
 
-        # Random models are built straight on this process's GPU (seconds, not minutes of CPU init).
-        device = PartialState().device if models.resolve_model(cfg.vlm_name)[0] == "random" else "cpu"
+        # Random models are built straight on this process's GPU (seconds, not minutes of CPU init). They
+        # have no hub repository, so hub look-ups (PEFT checks the base model's files when saving) stay off.
+        random_model = models.resolve_model(cfg.vlm_name)[0] == "random"
+        if random_model:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        device = PartialState().device if random_model else "cpu"
         model = models.load_model(cfg.vlm_name, models.torch_dtype(dtype), device=device,
                                   attn_implementation=cfg.attn_implementation)
     peft_config = models.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules) \
@@ -346,8 +350,13 @@ def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
         final = run_dir / "final"
         trainer.save_model(str(final))
         if trainer.accelerator.is_main_process:
+            from . import monitor
+
             trainer.processing_class.save_pretrained(str(final))
             trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
+            summary = monitor.summarize_run(monitor.read_run(run_dir), run_dir.name)
+            print(monitor.format_summary(summary), flush=True)
+            monitor.write_summary(summary, run_dir)
     finally:
         if sync is not None:
             sync.wait()

@@ -6,6 +6,8 @@ import os
 # imported late. Our property tests need no plugin.
 os.environ.setdefault("HYPOTHESIS_NO_PLUGINS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network in tests: hub look-ups fail fast instead of timing out
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 

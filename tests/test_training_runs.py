@@ -54,6 +54,8 @@ def test_each_mode_trains_and_writes_logs_and_checkpoints(trained_runs, mode):
     assert newest is not None and newest.name == "checkpoint-2" and is_complete_checkpoint(newest, True)
     assert (newest / "adapter_model.safetensors").is_file()
     assert (run / "final" / "adapter_model.safetensors").is_file()
+    summary = (run / "summary.txt").read_text()
+    assert run.name in summary and "steps" in summary.lower()
 
 
 def test_psr_with_no_correct_sample_is_a_logged_no_op(trained_runs):
