@@ -120,11 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands whose ValueErrors are about their input files (they name the file and line): no traceback.
+FILE_COMMANDS = ("passk", "plot", "monitor")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .data import DatasetFormatError
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    expected = (ConfigError, DatasetFormatError, FileNotFoundError)
+    if args.command in FILE_COMMANDS:
+        expected += (ValueError,)
     try:
         return int(args._run(args) or 0)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+    except expected as exc:
+        kind = "configuration error" if isinstance(exc, ConfigError) else "error"
+        print(f"{kind}: {exc}", file=sys.stderr)
         return 2

@@ -77,3 +77,13 @@ def test_samples_to_passk_to_plot_for_two_methods(tmp_path):
               "--out", str(figure))
     assert out.returncode == 0, out.stderr
     assert figure.stat().st_size > 1000 and figure.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_samples_file_gives_a_clean_error_with_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": "1", "dataset": "d", "question": "q", "answer": "a", "completions": ["x"], '
+                    '"correct": [true], "meta": {}}\n{not json}\n')
+    out = cli("passk", "--samples", str(path), "--out", str(tmp_path / "r.json"))
+    assert out.returncode == 2
+    assert "bad.jsonl" in out.stderr and "2" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "r.json").exists()
