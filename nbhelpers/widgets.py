@@ -49,6 +49,14 @@ def _png_output(figure: Figure) -> dict:
                      "text/plain": "<Figure>"}}
 
 
+# Dropdown value meaning "no filter" (ipywidgets shows a None value as an empty selection).
+ALL = "__all__"
+
+
+def _chosen(value: str) -> str | None:
+    return None if value == ALL else value
+
+
 class CheckboxGroup(widgets.VBox):
     """A titled column of checkboxes, one per option; `value` is the tuple of ticked options
     (in option order), settable from code. CSS: `css_class` on the group, `css_class`-item on
@@ -151,8 +159,8 @@ class PassKExplorer(_Explorer):
         ks = sorted(set().union(*(passk_table(r, label)[0].tolist() for label, r in self.results.items())))
         self.methods = CheckboxGroup(list(self.results), list(self.results), description="Methods",
                                      css_class="chartrl-method-select")
-        self.dataset = widgets.Dropdown(options=[("all datasets", None)] + [(d, d) for d in self.datasets],
-                                        value=None, description="Dataset").add_class("chartrl-dataset-select")
+        self.dataset = widgets.Dropdown(options=[("all datasets", ALL)] + [(d, d) for d in self.datasets],
+                                        value=ALL, description="Dataset").add_class("chartrl-dataset-select")
         self.k_range = widgets.SelectionRangeSlider(options=[(str(k), k) for k in ks], index=(0, len(ks) - 1),
                                                     description="k range").add_class("chartrl-k-range")
         self.show_ci = widgets.Checkbox(value=True, description="Show 95% intervals").add_class("chartrl-ci-toggle")
@@ -164,7 +172,7 @@ class PassKExplorer(_Explorer):
         if not self.methods.value:
             return None
         chosen = [self.results[label] for label in self.methods.value]
-        return plot_passk_curves(chosen, list(self.methods.value), dataset=self.dataset.value,
+        return plot_passk_curves(chosen, list(self.methods.value), dataset=_chosen(self.dataset.value),
                                  show_ci=self.show_ci.value, k_range=self.k_range.value)
 
     def _static_views(self) -> dict[str, Figure]:
@@ -193,7 +201,7 @@ class TrainingExplorer(_Explorer):
         metrics = sorted(set().union(*(frame.columns for frame in self.frames.values())) - set(NOT_METRICS))
         self.runs = CheckboxGroup(list(self.frames), list(self.frames), description="Runs",
                                   css_class="chartrl-run-select")
-        self.metric = widgets.Dropdown(options=[("overview", None)] + [(m, m) for m in metrics], value=None,
+        self.metric = widgets.Dropdown(options=[("overview", ALL)] + [(m, m) for m in metrics], value=ALL,
                                        description="Metric").add_class("chartrl-metric-select")
         self.smoothing = widgets.IntSlider(value=1, min=1, max=MAX_SMOOTHING,
                                            description="Smoothing").add_class("chartrl-smoothing")
@@ -205,7 +213,7 @@ class TrainingExplorer(_Explorer):
         if not self.runs.value:
             return None
         return plot_training_curves({label: self.frames[label] for label in self.runs.value},
-                                    metrics=None if self.metric.value is None else [self.metric.value],
+                                    metrics=None if self.metric.value == ALL else [self.metric.value],
                                     smoothing=self.smoothing.value)
 
     def _static_views(self) -> dict[str, Figure]:

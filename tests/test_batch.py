@@ -1,0 +1,175 @@
+"""``python -m nbhelpers batch``: the README's main job, run once end to end on the smoke preset
+(10_train and 20_generate for all four modes, then 30_passk, with papermill on the CPU), with
+per-mode checks reading its outputs; and the batch's bookkeeping with a stand-in executor."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+import nbtools
+from nbhelpers import batch, cli
+from nbhelpers.config import MODES, REPO_ROOT, ConfigError
+from nbhelpers.passk import load_results
+
+BATCH_TIMEOUT_S = 900
+SMOKE_PROBLEMS, SMOKE_SAMPLES = 4, 8  # max_problems and n_samples of the smoke preset
+
+
+# ------------------------------------------------------------------------------------------ the real batch, once
+@pytest.fixture(scope="module")
+def smoke_batch(tmp_path_factory):
+    """(completed process, batch folder) of the four-mode smoke batch on local-cpu."""
+    folder = tmp_path_factory.mktemp("batch") / "smoke"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-m", "nbhelpers", "batch", "--preset", "smoke", "--modes", *MODES,
+                             "--platform", "local-cpu", "--out", str(folder)],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=BATCH_TIMEOUT_S)
+    (folder.parent / "batch.log").write_text(result.stdout + result.stderr)
+    return result, folder
+
+
+def _executed(folder: Path, name: str) -> nbformat.NotebookNode:
+    return nbformat.read(folder / "notebooks" / f"{name}.ipynb", as_version=4)
+
+
+@pytest.mark.slow
+def test_batch_runs_every_notebook_and_exits_zero(smoke_batch):
+    result, folder = smoke_batch
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    assert "all notebooks ran" in result.stdout
+    report = json.loads((folder / "batch.json").read_text())
+    assert [(s["notebook"], s["mode"]) for s in report["steps"]] == \
+        [(n, m) for m in MODES for n in (batch.TRAIN, batch.GENERATE)] + [(batch.PASSK, None)]
+    assert {s["status"] for s in report["steps"]} == {"ok"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_mode_was_trained_through_the_notebook(smoke_batch, mode):
+    _, folder = smoke_batch
+    notebook = _executed(folder, f"10_train_{mode}")
+    assert notebook.metadata.papermill.parameters["mode"] == mode
+    assert notebook.metadata.kernelspec.name == batch.KERNEL_NAME
+    assert not [o for c in notebook.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert nbtools.image_outputs(notebook) >= 1  # the training curves
+    run = folder / "runs" / f"{mode}_tiny-random_synthetic_n8_s42"
+    assert yaml.safe_load((run / "config.yaml").read_text())["config"]["mode"] == mode
+    assert (run / "final" / "adapter_config.json").is_file()
+    assert (run / "training_curves.png").stat().st_size > 0
+    assert "logged steps: 2" in (run / "summary.txt").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_mode_was_sampled_from_its_trained_model(smoke_batch, mode):
+    _, folder = smoke_batch
+    records = [json.loads(line) for line in (folder / "samples" / f"{mode}.jsonl").read_text().splitlines()]
+    assert len(records) == SMOKE_PROBLEMS
+    assert all(len(r["completions"]) == len(r["correct"]) == SMOKE_SAMPLES for r in records)
+    assert {r["meta"]["method"] for r in records} == {mode}
+    assert {Path(r["meta"]["checkpoint"]).relative_to(folder / "runs").as_posix() for r in records} == \
+        {f"{mode}_tiny-random_synthetic_n8_s42/final"}
+    assert f"pass@{SMOKE_SAMPLES}" in nbtools.output_text(_executed(folder, f"20_generate_{mode}"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_mode_has_passk_results(smoke_batch, mode):
+    _, folder = smoke_batch
+    results = load_results(folder / "results" / f"{mode}.json")
+    assert (results["method"], results["n_problems"], results["n_samples"]) == (mode, SMOKE_PROBLEMS, SMOKE_SAMPLES)
+    assert list(results["pass_at_k"]) == ["1", "2", "4", "8"]
+
+
+@pytest.mark.slow
+def test_passk_notebook_compares_all_modes_against_grpo(smoke_batch):
+    _, folder = smoke_batch
+    notebook = _executed(folder, batch.PASSK)
+    text = nbtools.output_text(notebook)
+    for mode in MODES[1:]:
+        assert f"{mode} - grpo (paired, {SMOKE_PROBLEMS} problems)" in text
+    assert nbtools.image_outputs(notebook) >= 4  # curves, improvement, bars, the explorer's static view
+    for figure in ("passk_curves.png", "improvement.png", "bars.png", "passk_all.png"):
+        assert (folder / "figures" / figure).stat().st_size > 0, figure
+
+
+# ------------------------------------------------------------------------------------------ bookkeeping
+class FakeExecutor:
+    """Stands in for papermill: records calls; fails the (notebook, mode) pairs it is given."""
+
+    def __init__(self, failing=()):
+        self.failing, self.calls = set(failing), []
+
+    def __call__(self, notebook, output, parameters):
+        self.calls.append((notebook, dict(parameters)))
+        if (notebook, parameters.get("mode")) in self.failing:
+            raise RuntimeError(f"{notebook} failed for {parameters.get('mode')}\nsecond line")
+
+
+def test_failed_mode_is_reported_and_the_others_go_on(tmp_path):
+    executor = FakeExecutor(failing={(batch.TRAIN, "psr"), (batch.GENERATE, "nsr")})
+    report = batch.run_batch("smoke", list(MODES), "local-cpu", tmp_path / "b", execute=executor)
+    status = {(s.notebook, s.mode): s.status for s in report.steps}
+    assert status[(batch.TRAIN, "psr")] == "failed" and status[(batch.GENERATE, "psr")] == "skipped"
+    assert status[(batch.GENERATE, "nsr")] == "failed"
+    assert status[(batch.TRAIN, "w-reinforce")] == status[(batch.GENERATE, "w-reinforce")] == "ok"
+    assert report.exit_code == 1
+    passk_parameters = executor.calls[-1][1]
+    assert executor.calls[-1][0] == batch.PASSK
+    assert passk_parameters["labels"] == ["grpo", "w-reinforce"]
+    assert passk_parameters["samples_files"] == [str(tmp_path / "b" / "samples" / f"{m}.jsonl")
+                                                 for m in ("grpo", "w-reinforce")]
+    assert passk_parameters["live_widgets"] is False and passk_parameters["bootstrap"] == 200
+    text = batch.format_report(report)
+    assert "FAILED (2)" in text and "RuntimeError: 10_train failed for psr" in text and "second line" not in text
+    saved = json.loads((tmp_path / "b" / "batch.json").read_text())
+    assert [s["status"] for s in saved["steps"]] == [s.status for s in report.steps]
+
+
+def test_notebook_parameters_of_a_batch(tmp_path):
+    executor = FakeExecutor()
+    report = batch.run_batch("smoke", ["nsr"], None, tmp_path, overrides={"seed": 3}, execute=executor)
+    (train, train_parameters), (generate, generate_parameters), (passk, _) = executor.calls
+    assert (train, generate, passk) == (batch.TRAIN, batch.GENERATE, batch.PASSK)
+    assert train_parameters == {"mode": "nsr", "preset": "smoke", "output_root": str(tmp_path / "runs"), "seed": 3}
+    assert generate_parameters == {**train_parameters, "checkpoint": "run",
+                                   "samples_path": str(tmp_path / "samples" / "nsr.jsonl")}
+    assert report.exit_code == 0
+
+
+def test_bad_override_stops_the_batch_before_any_notebook(tmp_path):
+    executor = FakeExecutor()
+    with pytest.raises(ConfigError, match="--set: unknown key 'learning_rat'"):
+        batch.run_batch("smoke", list(MODES), "local-cpu", tmp_path, overrides={"learning_rat": 1},
+                        execute=executor)
+    assert executor.calls == [] and not (tmp_path / "notebooks").exists()
+
+
+def test_cli_exit_codes_for_bad_input(tmp_path, capsys):
+    assert cli.main(["batch", "--preset", "smoke", "--out", str(tmp_path), "--set", "seed=abc"]) == 2
+    assert "'seed'" in capsys.readouterr().err
+    assert cli.main(["batch", "--preset", "smoke", "--modes", "nsr", "nsr", "--out", str(tmp_path)]) == 2
+    assert "distinct" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["batch", "--preset", "smoke", "--modes", "ppo"])
+
+
+def test_default_batch_folder():
+    folder = batch.batch_folder("smoke", now=datetime(2026, 1, 2, 3, 4, 5))
+    assert folder == (Path.cwd() / "batches" / "smoke-20260102-030405")
+    assert batch.batch_folder("smoke", "elsewhere") == Path.cwd() / "elsewhere"
+
+
+def test_missing_kernel_says_how_to_install_it():
+    with pytest.raises(batch.BatchError, match="ipykernel install --user"):
+        batch.check_kernel("no-such-kernel-xyz")
+    batch.check_kernel()  # the fixed kernel of every batch exists
