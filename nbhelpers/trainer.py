@@ -16,8 +16,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -318,8 +320,46 @@ def persistent_store(cfg: RunConfig) -> Path | None:
     return Path(root) / cfg.resolved_run_name()
 
 
+# Files of a checkpoint that only resuming needs; the rest (weights, configs, processor) make up final/.
+RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin",
+                     "chartrl-manifest.json", "scaler.pt")
+
+
+def checkpoint_finished(checkpoint: Path) -> bool:
+    """True when a checkpoint was saved at its run's last step (HF would train one step too many on resume)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"]
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by the finished folder ``tmp`` (a crash leaves the checkpoint to rebuild it from)."""
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def finalize_from_checkpoint(checkpoint: Path, run_dir: Path) -> Path:
+    """final/ and trainer_state.json of a run whose last checkpoint is complete but whose final save was lost."""
+    tmp = run_dir / "final.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns(*RESUME_ONLY_FILES, "global_step*"))
+    shutil.copy2(checkpoint / "trainer_state.json", run_dir / "trainer_state.json")
+    _publish(tmp, run_dir / "final")
+    return run_dir / "final"
+
+
+def _write_summary(run_dir: Path) -> None:
+    from . import monitor
+
+    summary = monitor.summarize_run(monitor.read_run(run_dir), run_dir.name)
+    print(monitor.format_summary(summary), flush=True)
+    monitor.write_summary(summary, run_dir)
+
+
 def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
     """Train (resuming from the newest complete checkpoint), save the final adapter/model; return the run folder."""
+    from accelerate import PartialState
+
     from .sync import CheckpointSync, CheckpointSyncCallback, find_resume_checkpoint, restore_newest
 
     run_dir = cfg.run_dir()
@@ -327,13 +367,19 @@ def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
     save_resolved_config(cfg, run_dir)
     store = persistent_store(cfg)
     resume_from = None
+    state = PartialState()
     if cfg.resume:
-        from accelerate import PartialState
-
-        with PartialState().main_process_first():  # one process restores; the others then read the result
-            if store is not None and store.is_dir() and PartialState().is_main_process:
+        with state.main_process_first():  # one process restores; the others then read the result
+            if store is not None and store.is_dir() and state.is_main_process:
                 restore_newest(store, run_dir)
         resume_from = find_resume_checkpoint(run_dir)
+    if resume_from is not None and checkpoint_finished(resume_from):
+        if state.is_main_process:
+            print(f"Run already trained to its last step ({resume_from.name}); writing final/ from it", flush=True)
+            finalize_from_checkpoint(resume_from, run_dir)
+            _write_summary(run_dir)
+        state.wait_for_everyone()
+        return run_dir
     sync = CheckpointSync(store, keep_last=cfg.save_total_limit) if store is not None else None
     trainer = build_trainer(cfg, run_dir=run_dir, callbacks=[CheckpointSyncCallback(sync)], **build_kwargs)
     problems = len(trainer.train_dataset)
@@ -347,16 +393,13 @@ def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
         if torch.cuda.is_available():
             print(f"process {trainer.accelerator.process_index}: peak GPU memory "
                   f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
-        final = run_dir / "final"
-        trainer.save_model(str(final))
+        tmp = run_dir / "final.partial"
+        trainer.save_model(str(tmp))
         if trainer.accelerator.is_main_process:
-            from . import monitor
-
-            trainer.processing_class.save_pretrained(str(final))
+            trainer.processing_class.save_pretrained(str(tmp))
+            _publish(tmp, run_dir / "final")
             trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
-            summary = monitor.summarize_run(monitor.read_run(run_dir), run_dir.name)
-            print(monitor.format_summary(summary), flush=True)
-            monitor.write_summary(summary, run_dir)
+            _write_summary(run_dir)
     finally:
         if sync is not None:
             sync.wait()

@@ -74,6 +74,22 @@ def test_psr_with_no_correct_sample_is_a_logged_no_op(trained_runs):
         assert all((first[k] == final[k]).all() for k in final)
 
 
+def test_rerun_after_a_kill_between_last_checkpoint_and_final_save(trained_runs, tmp_path):
+    """HF would train one step past max_steps when resuming from the last checkpoint; we finalize from it."""
+    import shutil
+
+    run = tmp_path / trained_runs["nsr"].name
+    shutil.copytree(trained_runs["nsr"], run)
+    expected = load_file(run / "final" / "adapter_model.safetensors")
+    shutil.rmtree(run / "final")
+    (run / "trainer_state.json").unlink()
+    assert train(smoke_config("nsr", tmp_path)) == run
+    assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 2
+    again = load_file(run / "final" / "adapter_model.safetensors")
+    assert all((expected[k] == again[k]).all() for k in expected)
+    assert not (run / "final" / "optimizer.pt").exists()
+
+
 # ------------------------------------------------------------------------------------------ kill and resume
 def train_command(root, store, steps):
     return [sys.executable, "-m", "nbhelpers", "train", "--params", "smoke", "--params", "nsr",
