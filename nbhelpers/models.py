@@ -180,8 +180,9 @@ def build_random_model(name: str, dtype: torch.dtype = torch.float32, device: st
         torch.manual_seed(TINY_WEIGHT_SEED)
         with torch.device(device):
             model = Qwen2_5_VLForConditionalGeneration(cfg)
-    model.config._name_or_path = name  # adapters and saved configs then name their base
+    model.config._name_or_path = name  # adapters name their base model
     model.name_or_path = name
+    model.config.chartrl_base_model = name  # saved in config.json: a fine-tuned copy knows its offline processor
     return model.to(dtype) if str(device) != "meta" else model
 
 
@@ -210,8 +211,7 @@ def _local_base(folder: str) -> str | None:
 
     if (Path(folder) / "adapter_config.json").is_file():
         return _adapter_base(folder)
-    config = json.loads((Path(folder) / "config.json").read_text())
-    name = config.get("_name_or_path") or config.get("name_or_path")
+    name = json.loads((Path(folder) / "config.json").read_text()).get("chartrl_base_model")
     return name if name in MODEL_REGISTRY and MODEL_REGISTRY[name].source == "random" else None
 
 

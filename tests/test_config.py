@@ -131,3 +131,18 @@ def test_passk_ks_default_and_configured():
     assert passk_ks(RunConfig(n_samples=256)) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
     assert passk_ks(RunConfig(n_samples=10)) == [1, 2, 4, 8, 10]
     assert passk_ks(load_config(overrides={"n_samples": 16, "passk_ks": [8, 1]})) == [1, 8]
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, []),
+    ({"WANDB_API_KEY": "x"}, ["wandb"]),
+    ({"WANDB_MODE": "offline"}, ["wandb"]),
+])
+def test_wandb_only_with_a_key_or_offline_mode(monkeypatch, env, expected):
+    from nbhelpers.trainer import _report_to
+
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert _report_to(load_config(overrides={"report_to": ["tensorboard", "wandb"]})) == expected

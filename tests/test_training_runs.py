@@ -74,6 +74,19 @@ def test_psr_with_no_correct_sample_is_a_logged_no_op(trained_runs):
         assert all((first[k] == final[k]).all() for k in final)
 
 
+def test_full_fine_tuning_saves_the_whole_model(tmp_path):
+    run = train(smoke_config("nsr", tmp_path, finetune="full", max_steps=1, learning_rate=1e-4))
+    final = run / "final"
+    assert (final / "model.safetensors").is_file() and not (final / "adapter_config.json").exists()
+    from nbhelpers import models
+
+    reloaded = models.load_model(str(final))  # a folder trained from tiny-random reloads offline
+    base = models.build_random_model("tiny-random")
+    moved = [n for n, p in reloaded.state_dict().items() if not __import__("torch").equal(p, base.state_dict()[n])]
+    assert moved, "full fine-tuning changed no weight"
+    assert models.load_processor(str(final), 3136).tokenizer.eos_token == "<|im_end|>"
+
+
 def test_rerun_after_a_kill_between_last_checkpoint_and_final_save(trained_runs, tmp_path):
     """HF would train one step past max_steps when resuming from the last checkpoint; we finalize from it."""
     import shutil
