@@ -21,7 +21,7 @@ PY
 
 if [ "$PART" = modes ] || [ "$PART" = all ]; then
   for mode in grpo psr nsr w-reinforce; do
-    "${LAUNCH[@]}" --params "$mode" "${COMMON[@]}" --set dtype=bf16 --set max_steps=3 \
+    "${LAUNCH[@]}" --params "$mode" "${COMMON[@]}" --set dtype=bf16 --set max_steps=2 \
       --set output_root="$OUT/runs-bf16" > "$OUT/$mode-bf16.log" 2>&1
     echo "mode $mode bf16 exit $?"; grep -E "peak GPU memory|s/step" "$OUT/$mode-bf16.log" | tail -3
   done
@@ -31,12 +31,12 @@ if [ "$PART" = modes ] || [ "$PART" = all ]; then
 fi
 
 if [ "$PART" = resume ] || [ "$PART" = all ]; then
-  ARGS=(--params nsr "${COMMON[@]}" --set dtype=bf16 --set max_steps=4)
+  ARGS=(--params nsr "${COMMON[@]}" --set dtype=bf16 --set max_steps=3)
   "${LAUNCH[@]}" "${ARGS[@]}" --set output_root="$OUT/ref" > "$OUT/ref.log" 2>&1; echo "reference exit $?"
   "${LAUNCH[@]}" "${ARGS[@]}" --set output_root="$OUT/killed" > "$OUT/killed-1.log" 2>&1 &
   pid=$!
-  until ls "$OUT"/killed/*/checkpoint-2/chartrl-manifest.json >/dev/null 2>&1 || ! kill -0 $pid 2>/dev/null; do sleep 1; done
-  pkill -9 -f "nbhelpers train" ; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null; echo "killed after checkpoint-2"
+  until ls "$OUT"/killed/*/checkpoint-1/chartrl-manifest.json >/dev/null 2>&1 || ! kill -0 $pid 2>/dev/null; do sleep 1; done
+  pkill -9 -f "nbhelpers train" ; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null; echo "killed after checkpoint-1"
   sleep 3
   "${LAUNCH[@]}" "${ARGS[@]}" --set output_root="$OUT/killed" > "$OUT/killed-2.log" 2>&1; echo "resumed exit $?"
   grep -h "Resuming from" "$OUT/killed-2.log"
