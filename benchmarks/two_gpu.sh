@@ -7,11 +7,12 @@ set -uo pipefail
 OUT=${1:?output folder}; PART=${2:-all}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-LAUNCH=(accelerate launch --config_file nbhelpers/launch_configs/zero3-2gpu.yaml -m nbhelpers train)
+LAUNCH=(python3 -m accelerate.commands.launch --config_file nbhelpers/launch_configs/zero3-2gpu.yaml -m nbhelpers train)
 COMMON=(--params smoke --set vlm_name=qwen2-5-3b-random --set max_completion_length=64 --set batch_size=2
         --set num_generations=2 --set gradient_accumulation_steps=1 --set save_steps=1 --set save_total_limit=2
         --set max_pixels=250880 --set persistent_root=none --set rollout_engine=stock --set learning_rate=1e-5
-        --set gradient_checkpointing=true --set subset_size=8 --set deepspeed=zero3 --set num_processes=2)
+        --set gradient_checkpointing=true --set subset_size=8 --set deepspeed=zero3 --set num_processes=2
+        --set "report_to=[none]")
 
 python3 - <<'PY'
 import torch, transformers, trl, peft, accelerate, deepspeed
