@@ -28,7 +28,7 @@ import torch
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from .config import RunConfig, estimate_training_steps, save_resolved_config
+from .config import ConfigError, RunConfig, estimate_training_steps, save_resolved_config
 from .objectives import compute_advantages, format_mode_line, mode_statistics
 
 log = logging.getLogger(__name__)
@@ -246,12 +246,20 @@ def build_reward_functions(cfg: RunConfig) -> list:
     return build_reward_funcs(reward_settings(cfg))
 
 
+def check_environment(cfg: RunConfig) -> None:
+    """Fail before any work when the configuration needs a package this machine lacks."""
+    if cfg.rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("key 'rollout_engine' is vllm but the vllm package is not installed "
+                          "(pip install vllm, or use rollout_engine: auto)")
+
+
 def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list | None = None,
                   model=None, processor=None, train_dataset=None) -> ChartRLTrainer:
     """Everything a training run needs, from a validated configuration (model/data injectable for tests)."""
     from . import data, models
     from .platform import detect_platform, resolve_dtype
 
+    check_environment(cfg)
     platform = detect_platform()
     dtype = resolve_dtype(cfg.dtype, platform)
     run_dir = Path(run_dir or cfg.run_dir())
@@ -362,6 +370,7 @@ def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
 
     from .sync import CheckpointSync, CheckpointSyncCallback, find_resume_checkpoint, restore_newest
 
+    check_environment(cfg)
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, run_dir)

@@ -40,6 +40,7 @@ def test_train_help_keeps_the_seed_flag_names():
     (["--set", "learnin_rate=1"], ["unknown key 'learnin_rate'", "--set"]),
     (["--params", "smoke", "--batch-size", "3"], ["'batch_size'", "num_generations"]),
     (["--params", "no-such-preset"], ["no parameters file named 'no-such-preset'"]),
+    (["--params", "smoke", "--set", "rollout_engine=vllm"], ["'rollout_engine'", "vllm package is not installed"]),
 ])
 def test_bad_configuration_fails_fast_with_the_key(tmp_path, args, words):
     out = cli("train", *args, "--set", f"output_root={tmp_path}", timeout=60)
