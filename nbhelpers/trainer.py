@@ -1,16 +1,19 @@
 """Training: TRL's GRPOTrainer with the four objectives, plus construction from a RunConfig.
 
-``ChartRLTrainer`` changes TRL by three small overrides and copies none of its long methods:
+``ChartRLTrainer`` changes TRL by small overrides and copies none of its long methods:
 
 * ``_calculate_rewards`` keeps the gathered per-function rewards of the batch;
 * ``_generate_and_score_completions`` (after TRL's own) replaces the advantages with
   :func:`nbhelpers.objectives.compute_advantages` for psr / nsr / w-reinforce and zeroes the
   completion mask of left-out samples, so they leave both the loss and its token normaliser;
 * ``_compute_loss`` rescales the loss types that average over sequences (grpo, sapo, dr_grpo) so
-  that the average runs over kept sequences only.
+  that the average runs over kept sequences only;
+* ``create_optimizer`` makes a step in which no sample is kept skip the optimizer (no update, no NaN;
+  counted in the ``mode/empty_steps`` metric);
+* ``_generate_single_turn`` hands rollouts to the fast engine (:mod:`nbhelpers.rollout`) where it runs;
+* ``log`` adds the process's peak GPU memory.
 
-``mode: grpo`` runs TRL's GRPO unchanged. A step in which no sample is kept skips the optimizer
-(no update, no NaN) and is counted in the ``mode/empty_steps`` metric.
+``mode: grpo`` runs TRL's GRPO unchanged.
 """
 
 from __future__ import annotations
@@ -44,11 +47,11 @@ class ChartRLTrainer(GRPOTrainer):
                  correctness_from: str = "accuracy", rollout_engine: str = "stock", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.mode = mode
-        self.rollout_engine = rollout_engine
-        self._fast_rollouts: bool | None = None  # decided at the first generation
         self.lambda_psr = lambda_psr
         self.reward_threshold = reward_threshold
         self.correctness_from = correctness_from
+        self.rollout_engine = rollout_engine
+        self._fast_rollouts: bool | None = None  # decided at the first generation
         self.empty_steps = 0
         self._skip_optimizer_step = False
         self._last_rewards_per_func: torch.Tensor | None = None
@@ -256,6 +259,8 @@ def check_environment(cfg: RunConfig) -> None:
 def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list | None = None,
                   model=None, processor=None, train_dataset=None) -> ChartRLTrainer:
     """Everything a training run needs, from a validated configuration (model/data injectable for tests)."""
+    from accelerate import PartialState
+
     from . import data, models
     from .platform import detect_platform, resolve_dtype
 
@@ -267,14 +272,11 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list |
         processor = models.load_processor(cfg.vlm_name, cfg.max_pixels)
     processor.tokenizer.padding_side = "left"
     if train_dataset is None:
+        options = {"drop_duplicates": True} if cfg.drop_duplicates else {}
         examples = data.load_examples(cfg.dataset_name, data_dir=cfg.data_dir, subset_size=cfg.subset_size,
-                                      seed=cfg.seed, drop_duplicates=cfg.drop_duplicates) \
-            if cfg.dataset_name == "chart-rvr-train" else \
-            data.load_examples(cfg.dataset_name, data_dir=cfg.data_dir, subset_size=cfg.subset_size, seed=cfg.seed)
+                                      seed=cfg.seed, **options)
         train_dataset = data.to_trl_dataset(examples, cfg.max_pixels)
     if model is None:
-        from accelerate import PartialState
-
         # Random models are built straight on this process's GPU (seconds, not minutes of CPU init). They
         # have no hub repository, so hub look-ups (PEFT checks the base model's files when saving) stay off.
         random_model = models.resolve_model(cfg.vlm_name)[0] == "random"
@@ -289,7 +291,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list |
     deepspeed_file = _in_process_deepspeed_file(cfg, use_cpu)
     args = grpo_config(cfg, run_dir, dtype, use_cpu, deepspeed_file)
     all_callbacks = [EtaCallback(), *(callbacks or [])]
-    if "tensorboard" in cfg.report_to:
+    if "tensorboard" in cfg.report_to and PartialState().is_main_process:
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
