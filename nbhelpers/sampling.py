@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .config import RunConfig
+from .config import RunConfig, save_resolved_config
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,6 @@ def sample_to_file(cfg: RunConfig, out: str | Path, checkpoint: str | None = Non
     examples = list(examples) if not hasattr(examples, "__len__") else examples
     if model is None or processor is None:
         model, processor = load_for_sampling(cfg, checkpoint, cfg.eval_max_pixels)
-    from .config import save_resolved_config
-
     save_resolved_config(cfg, out.parent, name=out.stem + ".config.yaml")
     tokenizer = processor.tokenizer
     eos = _eos_ids(model, tokenizer)
