@@ -52,6 +52,8 @@ class RunConfig:
     data_dir: str | None = _help("Folder of local dataset files (PlotQA, ChartFC, EvoChart, ChartBench).",
                                  default=None)
     seed: int = _help("Random seed for data subset, initialisation and sampling.", default=42)
+    full_determinism: bool = _help("Deterministic GPU kernels (torch.use_deterministic_algorithms), so a rerun "
+                                   "or a resumed run gives bitwise-equal weights; slower.", default=False)
     subset_size: int | None = _help("Number of training problems to use (None: all).", default=None)
     drop_duplicates: bool = _help("Drop exact duplicate training rows.", default=False)
     # --- optimisation --------------------------------------------------------------------

@@ -193,3 +193,14 @@ def test_empty_batch_is_a_logged_no_op(tmp_path, dataset):
     logged = [h for h in trainer.state.log_history if "mode/empty_steps" in h]
     assert logged and logged[-1]["mode/empty_steps"] >= 1
     assert trainer.empty_steps == 2
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({}, {"full_determinism": False, "seed": 42, "data_seed": 42}),
+    ({"full_determinism": True, "seed": 7}, {"full_determinism": True, "seed": 7, "data_seed": 7}),
+    ({"save_steps": 3, "save_total_limit": 1}, {"save_steps": 3, "save_total_limit": 1}),
+])
+def test_grpo_config_carries_the_run_settings(tmp_path, overrides, expected):
+    cfg = load_config([resolve_parameter_file("smoke", "presets")], {"report_to": ["none"], **overrides})
+    args = grpo_config(cfg, tmp_path, "fp32", use_cpu=True, deepspeed_file=None)
+    assert {key: getattr(args, key) for key in expected} == expected
