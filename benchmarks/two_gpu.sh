@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Two GPUs, DeepSpeed ZeRO-3 through accelerate, on the real 3B architecture with random weights:
 # every mode for a few steps (s/step and peak memory per GPU from the logs), the fp16 (T4) path, and a
-# kill-and-resume check against an uninterrupted run. Usage: bash benchmarks/two_gpu.sh OUT_DIR [part]
-# part: modes | resume | all (default). Needs 2 GPUs, deepspeed, and this repo's requirements.
+# kill-and-resume check against uninterrupted runs. Usage: bash benchmarks/two_gpu.sh OUT_DIR [part]
+# part: modes | resume (with full_determinism) | noise (the same without it) | all (default).
+# Needs 2 GPUs, deepspeed, and this repo's requirements.
 set -uo pipefail
 OUT=${1:?output folder}; PART=${2:-all}
 mkdir -p "$OUT"
@@ -31,25 +32,42 @@ if [ "$PART" = modes ] || [ "$PART" = all ]; then
   echo "mode nsr fp16 exit $?"; grep -E "peak GPU memory|s/step" "$OUT/nsr-fp16.log" | tail -3
 fi
 
-if [ "$PART" = resume ] || [ "$PART" = all ]; then
-  ARGS=(--params nsr "${COMMON[@]}" --set dtype=bf16 --set max_steps=3)
-  "${LAUNCH[@]}" "${ARGS[@]}" --set output_root="$OUT/ref" > "$OUT/ref.log" 2>&1; echo "reference exit $?"
-  "${LAUNCH[@]}" "${ARGS[@]}" --set output_root="$OUT/killed" > "$OUT/killed-1.log" 2>&1 &
-  pid=$!
-  until ls "$OUT"/killed/*/checkpoint-1/chartrl-manifest.json >/dev/null 2>&1 || ! kill -0 $pid 2>/dev/null; do sleep 1; done
-  pkill -9 -f "nbhelpers train" ; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null; echo "killed after checkpoint-1"
+# Two uninterrupted runs (a, b) and one SIGKILLed right after checkpoint-1 then restarted (killed), all
+# with the given extra settings; prints the final steps and the largest weight difference of b and killed
+# against a.
+rerun_check() {
+  local dir="$OUT/$1"; shift
+  local ARGS=(--params nsr "${COMMON[@]}" --set dtype=bf16 --set max_steps=3 "$@")
+  for run in a b; do
+    "${LAUNCH[@]}" "${ARGS[@]}" --set output_root="$dir/$run" > "$dir-$run.log" 2>&1; echo "$(date +%T) run $run exit $?"
+  done
+  "${LAUNCH[@]}" "${ARGS[@]}" --set output_root="$dir/killed" > "$dir-killed-1.log" 2>&1 &
+  local pid=$!
+  until ls "$dir"/killed/*/checkpoint-1/chartrl-manifest.json >/dev/null 2>&1 || ! kill -0 $pid 2>/dev/null; do sleep 1; done
+  pkill -9 -f "nbhelpers train" ; kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null; echo "$(date +%T) killed after checkpoint-1"
   sleep 3
-  "${LAUNCH[@]}" "${ARGS[@]}" --set output_root="$OUT/killed" > "$OUT/killed-2.log" 2>&1; echo "resumed exit $?"
-  grep -h "Resuming from" "$OUT/killed-2.log"
-  python3 - "$OUT" <<'PY'
+  "${LAUNCH[@]}" "${ARGS[@]}" --set output_root="$dir/killed" > "$dir-killed-2.log" 2>&1; echo "$(date +%T) resumed exit $?"
+  grep -h "Resuming from" "$dir-killed-2.log"
+  python3 - "$dir" <<'PY'
 import glob, json, sys
 from safetensors.torch import load_file
-out = sys.argv[1]
-a = load_file(glob.glob(f"{out}/ref/*/final/adapter_model.safetensors")[0])
-b = load_file(glob.glob(f"{out}/killed/*/final/adapter_model.safetensors")[0])
-steps = [json.load(open(glob.glob(f"{out}/{d}/*/trainer_state.json")[0]))["global_step"] for d in ("ref", "killed")]
-diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-print("resume check: steps", steps, "same keys", a.keys() == b.keys(), "max abs diff", diff,
-      "bitwise", all(bool((a[k] == b[k]).all()) for k in a))
+root = sys.argv[1]
+def final(run):
+    return load_file(glob.glob(f"{root}/{run}/*/final/adapter_model.safetensors")[0])
+def step(run):
+    return json.load(open(glob.glob(f"{root}/{run}/*/trainer_state.json")[0]))["global_step"]
+a = final("a")
+for run in ("b", "killed"):
+    other = final(run)
+    diff = max(float((a[k].float() - other[k].float()).abs().max()) for k in a)
+    print(f"{run} vs a: steps {step(run)} vs {step('a')}, same keys {a.keys() == other.keys()}, "
+          f"max abs diff {diff:.3g}, bitwise {all(bool((a[k] == other[k]).all()) for k in a)}")
 PY
+}
+
+if [ "$PART" = resume ] || [ "$PART" = all ]; then
+  rerun_check deterministic --set full_determinism=true
+fi
+if [ "$PART" = noise ] || [ "$PART" = all ]; then
+  rerun_check default
 fi
