@@ -116,8 +116,8 @@ class ChartRLTrainer(GRPOTrainer):
             output["completion_mask"] * output["tool_mask"]
         output["num_items_in_batch"] = self.accelerator.gather(mask.sum()).sum()
         output["num_kept_sequences"] = keep.sum().to(output["completion_mask"].device)
-        if train and not bool(keep.any()):
-            self._skip_optimizer_step = True
+        if train:  # holds until the next generation batch, i.e. for every optimizer step it feeds
+            self._skip_optimizer_step = not bool(keep.any())
         return output
 
     def _compute_loss(self, model, inputs):
@@ -133,6 +133,9 @@ class ChartRLTrainer(GRPOTrainer):
 
     # -- empty steps are no-ops -------------------------------------------------------------
     def create_optimizer(self, model=None):
+        """The Trainer's optimizer, whose ``step`` does nothing while the current generation batch keeps no
+        sample. DeepSpeed wraps this same optimizer and calls its ``step`` once per parameter sub-group,
+        so every call of an empty step is skipped, not just the first."""
         optimizer = super().create_optimizer(model)
         if getattr(optimizer, "_chartrl_skippable", False):
             return optimizer
@@ -140,7 +143,6 @@ class ChartRLTrainer(GRPOTrainer):
 
         def step_unless_empty(*args: Any, **kwargs: Any):
             if self._skip_optimizer_step:
-                self._skip_optimizer_step = False
                 return None
             return step(*args, **kwargs)
 

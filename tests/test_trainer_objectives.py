@@ -5,13 +5,17 @@ same rollouts. Correctness comes from a deterministic stand-in accuracy reward (
 completion's length), which gives a mix of correct and incorrect samples with random weights.
 """
 
+import contextlib
+
 import pytest
 import torch
+from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from nbhelpers import models
 from nbhelpers.config import load_config, resolve_parameter_file
 from nbhelpers.data import make_synthetic_examples, to_trl_dataset
+from nbhelpers.platform import deepspeed_config_path
 from nbhelpers.rewards import completion_text
 from nbhelpers.trainer import ChartRLTrainer, grpo_config
 
@@ -33,12 +37,14 @@ def dataset():
     return to_trl_dataset(make_synthetic_examples(4, seed=3), PIXELS)
 
 
-def make_trainer(tmp_path, dataset, mode, loss_type="dapo", stock=False, rewards=(accuracy_reward, length_reward)):
+def make_trainer(tmp_path, dataset, mode, loss_type="dapo", stock=False, rewards=(accuracy_reward, length_reward),
+                 deepspeed_file=None):
     cfg = load_config([resolve_parameter_file("smoke", "presets")],
                       {"mode": mode, "loss_type": loss_type, "max_completion_length": 12, "batch_size": 2 * G,
                        "num_generations": G, "gradient_accumulation_steps": 1, "report_to": ["none"],
                        "temperature": 1.0, "lora_dropout": 0.0})
-    args = grpo_config(cfg, tmp_path / f"{mode}-{loss_type}-{stock}", "fp32", use_cpu=True, deepspeed_file=None)
+    args = grpo_config(cfg, tmp_path / f"{mode}-{loss_type}-{stock}", "fp32", use_cpu=deepspeed_file is None,
+                       deepspeed_file=deepspeed_file)
     args.reward_weights = None
     torch.manual_seed(0)
     model = models.build_random_model("tiny-random")
@@ -177,22 +183,103 @@ def test_left_out_samples_leave_the_normaliser_for_every_loss_type(tmp_path, dat
     assert_grads_close(grads, ref)
 
 
-def test_empty_batch_is_a_logged_no_op(tmp_path, dataset):
-    def never_correct(completions, **kwargs):
-        return [0.0 for _ in completions]
+def correct_only_in_first_batch():
+    """Stand-in accuracy: half of the first generation batch is correct, nothing after it."""
+    calls = []
 
-    never_correct.__name__ = "accuracy_reward"
-    trainer = make_trainer(tmp_path, dataset, "psr", rewards=(never_correct, length_reward))
+    def accuracy_reward(completions, **kwargs):
+        calls.append(len(completions))
+        return [float(len(calls) == 1 and i % 2 == 0) for i in range(len(completions))]
+
+    return accuracy_reward
+
+
+class TrainableWeightsPerStep(TrainerCallback):
+    """Copies of the trainable weights after each optimizer step, by step number."""
+
+    def __init__(self) -> None:
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        with gathered(list(params.values())):
+            self.weights[state.global_step] = {n: p.detach().clone().cpu() for n, p in params.items()}
+
+
+def gathered(params):
+    """ZeRO-3 partitions parameters across processes: gather them to read the full tensors."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
+def check_empty_step_leaves_the_weights_alone(tmp_path, dataset, mode, empty_step_moves_weights, deepspeed_file):
+    # accuracy is the only reward, so grpo's step-2 advantages (and with beta 0, its gradients) are zero
+    trainer = make_trainer(tmp_path, dataset, mode, rewards=(correct_only_in_first_batch(),),
+                           deepspeed_file=deepspeed_file)
+    assert trainer.beta == 0.0
     trainer.args.max_steps = 2
     trainer.args.save_strategy = "no"
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.args.lr_scheduler_type = "constant"
+    trainer.args.warmup_steps = 0
+    recorder = TrainableWeightsPerStep()
+    trainer.add_callback(recorder)
     result = trainer.train()
     assert torch.isfinite(torch.tensor(result.training_loss))
-    after = dict(trainer.model.named_parameters())
-    assert all(torch.equal(before[n], after[n].detach()) for n in before), "an empty step changed the weights"
-    logged = [h for h in trainer.state.log_history if "mode/empty_steps" in h]
-    assert logged and logged[-1]["mode/empty_steps"] >= 1
-    assert trainer.empty_steps == 2
+    grad_norms = [float(h["grad_norm"]) for h in trainer.state.log_history if "grad_norm" in h]
+    assert len(grad_norms) == 2 and grad_norms[0] > 0 and grad_norms[1] == 0, grad_norms
+    first, second = recorder.weights[1], recorder.weights[2]
+    moved = [n for n in first if not torch.equal(first[n], second[n])]
+    assert bool(moved) == empty_step_moves_weights, moved[:3]
+    if mode == "psr":
+        assert trainer.empty_steps == 1
+        logged = [h for h in trainer.state.log_history if "mode/empty_steps" in h]
+        assert logged and logged[-1]["mode/empty_steps"] == 1
+
+
+@pytest.mark.parametrize("mode, empty_step_moves_weights", [("psr", False), ("grpo", True)])
+def test_empty_step_leaves_the_weights_alone(tmp_path, dataset, mode, empty_step_moves_weights):
+    """Step 1 learns; step 2 keeps no sample (psr) or has zero advantages (grpo). Adam's momentum from step
+    1 would still move the weights at step 2: stock GRPO lets it (the control), psr skips the optimizer."""
+    check_empty_step_leaves_the_weights_alone(tmp_path, dataset, mode, empty_step_moves_weights, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode, empty_step_moves_weights", [("psr", False), ("grpo", True)])
+def test_empty_step_leaves_the_weights_alone_under_deepspeed_zero3(tmp_path, dataset, monkeypatch, mode,
+                                                                   empty_step_moves_weights):
+    """The same through DeepSpeed ZeRO-3 (one process), which steps our optimizer once per sub-group."""
+    pytest.importorskip("deepspeed")
+    from accelerate.state import AcceleratorState
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29531"}.items():
+        monkeypatch.setenv(key, value)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        check_empty_step_leaves_the_weights_alone(tmp_path, dataset, mode, empty_step_moves_weights,
+                                                  str(deepspeed_config_path()))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_every_optimizer_call_of_an_empty_step_is_skipped(tmp_path, dataset):
+    """DeepSpeed calls the wrapped optimizer's step once per parameter sub-group: none may update."""
+    trainer = make_trainer(tmp_path, dataset, "psr")
+    optimizer = trainer.create_optimizer()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    trainer._skip_optimizer_step = True
+    optimizer.step()
+    optimizer.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, params))
+    trainer._skip_optimizer_step = False
+    optimizer.step()
+    assert not all(torch.equal(b, p) for b, p in zip(before, params))
 
 
 @pytest.mark.parametrize("overrides, expected", [
