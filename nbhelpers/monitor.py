@@ -5,6 +5,8 @@ A run folder holds the Hugging Face Trainer's `trainer_state.json` (at its top, 
 DataFrame, one row per logged step: column `step` plus metric columns named as in
 `log_history` (`loss`, `learning_rate`, `grad_norm`, `reward`, `rewards/<name>/mean`,
 `mode/...`); TensorBoard tags `train/<name>` map to `<name>` and `eval/<name>` to `eval_<name>`.
+`mode/empty_steps` (empty steps so far) is derived from the logged `mode/empty_step` fractions, so it
+counts across resumed sessions.
 End-of-training totals (`train_runtime`, ...) go to `frame.attrs["train_summary"]`.
 """
 
@@ -156,9 +158,20 @@ def read_run(run_dir: str | os.PathLike) -> pd.DataFrame:
         summary = {**frame.attrs["train_summary"], **summary}
     merged = merged.sort_index().reset_index()
     merged["step"] = merged["step"].astype("int64")
+    if "mode/empty_step" in merged:
+        merged["mode/empty_steps"] = cumulative_empty_steps(merged["step"], merged["mode/empty_step"])
     merged = merged[["step"] + sorted(c for c in merged.columns if c != "step")]
     merged.attrs = {"train_summary": summary, "sources": sources}
     return merged
+
+
+def cumulative_empty_steps(steps: pd.Series, empty_fraction: pd.Series) -> pd.Series:
+    """Empty steps so far at each logged step, from ``mode/empty_step``: the fraction (0..1) of the steps
+    since the previous logged value that kept no sample. Rows without a value stay NaN."""
+    logged = empty_fraction.notna()
+    window = steps[logged].diff().fillna(steps[logged])  # the first value covers steps 1..step
+    total = (empty_fraction[logged] * window).cumsum()
+    return total.reindex(steps.index)
 
 
 # ---------------------------------------------------------------------------------------------

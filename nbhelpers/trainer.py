@@ -9,7 +9,7 @@
 * ``_compute_loss`` rescales the loss types that average over sequences (grpo, sapo, dr_grpo) so
   that the average runs over kept sequences only;
 * ``create_optimizer`` makes a step in which no sample is kept skip the optimizer (no update, no NaN;
-  counted in the ``mode/empty_steps`` metric);
+  logged as ``mode/empty_step``);
 * ``_generate_single_turn`` hands rollouts to the fast engine (:mod:`nbhelpers.rollout`) where it runs;
 * ``log`` adds the process's peak GPU memory.
 
@@ -52,7 +52,6 @@ class ChartRLTrainer(GRPOTrainer):
         self.correctness_from = correctness_from
         self.rollout_engine = rollout_engine
         self._fast_rollouts: bool | None = None  # decided at the first generation
-        self.empty_steps = 0
         self._skip_optimizer_step = False
         self._last_rewards_per_func: torch.Tensor | None = None
         if correctness_from == "accuracy" and "accuracy_reward" not in self.reward_func_names:
@@ -159,12 +158,10 @@ class ChartRLTrainer(GRPOTrainer):
     def _log_mode_statistics(self, correct, keep, total, train: bool) -> None:
         split = "train" if train else "eval"
         stats = mode_statistics(self.mode, correct, keep, total)
-        if train and stats["empty"]:
-            self.empty_steps += 1
         metrics = self._metrics[split]
         metrics["mode/kept_positive"].append(stats["kept_positive"])
         metrics["mode/kept_negative"].append(stats["kept_negative"])
-        metrics["mode/empty_steps"].append(float(self.empty_steps))
+        metrics["mode/empty_step"].append(stats["empty"])  # 0 or 1; a logging window logs the fraction
         metrics["mode/total_reward"].append(stats["total_reward"])
         metrics["mode/accuracy"].append(stats["accuracy"])
         step = self.state.global_step + 1

@@ -20,7 +20,7 @@ def log_entry(step, loss, reward):
     return {"epoch": step / 30, "step": int(step), "loss": float(loss), "learning_rate": 1e-5 * (1 - step / 30),
             "grad_norm": 0.4, "reward": float(reward), "reward_std": 0.1,
             "rewards/accuracy_reward/mean": float(reward) / 4, "mode/kept_positive": 3, "mode/kept_negative": 1,
-            "mode/empty_steps": 0}
+            "mode/empty_step": float(step % 10 == 0)}
 
 
 def write_trainer_state(folder, steps=STEPS, loss=CONVERGING_LOSS, reward=RISING_REWARD, runtime=123.0):
@@ -59,8 +59,20 @@ def test_trainer_state_only(tmp_path):
             "mode/kept_positive", "mode/empty_steps", "epoch"} <= set(frame.columns)
     assert "train_runtime" not in frame.columns  # the final totals are not a row
     np.testing.assert_allclose(frame["loss"], CONVERGING_LOSS)
+    np.testing.assert_array_equal(frame["mode/empty_steps"], STEPS // 10)  # steps 10, 20, 30 were empty
     assert frame.attrs["train_summary"]["train_runtime"] == 123.0
     assert frame.attrs["sources"] == [str(tmp_path / "run" / "trainer_state.json")]
+
+
+@pytest.mark.parametrize("steps, fractions, expected", [
+    ([1, 2, 3], [0.0, 1.0, 1.0], [0.0, 1.0, 2.0]),                            # logging every step
+    ([5, 10, 15], [0.2, 0.0, 0.6], [1.0, 1.0, 4.0]),                          # every 5 steps: fractions
+    ([2, 3, 4], [1.0, np.nan, 1.0], [2.0, np.nan, 4.0]),                      # a row without the metric
+    ([3], [np.nan], [np.nan]),
+])
+def test_cumulative_empty_steps(steps, fractions, expected):
+    total = monitor.cumulative_empty_steps(pd.Series(steps), pd.Series(fractions, dtype=float))
+    np.testing.assert_allclose(total.to_numpy(), expected)
 
 
 def test_entries_of_one_step_are_merged(tmp_path):

@@ -18,6 +18,7 @@ import pytest
 from safetensors.torch import load_file
 
 from nbhelpers.config import load_config, resolve_parameter_file
+from nbhelpers.monitor import read_run
 from nbhelpers.sync import find_resume_checkpoint, is_complete_checkpoint
 from nbhelpers.trainer import train
 
@@ -46,7 +47,7 @@ def test_each_mode_trains_and_writes_logs_and_checkpoints(trained_runs, mode):
     assert state["global_step"] == 2
     logged = [h for h in state["log_history"] if "loss" in h]
     assert len(logged) == 2
-    for key in ("mode/kept_positive", "mode/kept_negative", "mode/empty_steps", "mode/total_reward",
+    for key in ("mode/kept_positive", "mode/kept_negative", "mode/empty_step", "mode/total_reward",
                 "rewards/accuracy_reward/mean", "rewards/format_reward/mean"):
         assert key in logged[-1], key
     assert list((run / "logs").glob("events.out.tfevents.*")), "no TensorBoard events"
@@ -63,7 +64,8 @@ def test_psr_with_no_correct_sample_is_a_logged_no_op(trained_runs):
     state = json.loads((trained_runs["psr"] / "trainer_state.json").read_text())
     logged = [h for h in state["log_history"] if "loss" in h]
     assert [h["mode/kept_positive"] for h in logged] == [0.0, 0.0]
-    assert logged[-1]["mode/empty_steps"] == 2.0
+    assert [h["mode/empty_step"] for h in logged] == [1.0, 1.0]
+    assert read_run(trained_runs["psr"])["mode/empty_steps"].tolist() == [1.0, 2.0]
     first = load_file(trained_runs["psr"] / "checkpoint-1" / "adapter_model.safetensors") \
         if (trained_runs["psr"] / "checkpoint-1").exists() else None
     final = load_file(trained_runs["psr"] / "final" / "adapter_model.safetensors")
@@ -160,6 +162,8 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
     run = run_dir()
     state = json.loads((run / "trainer_state.json").read_text())
     assert state["global_step"] == steps
+    # the logs of the sessions before the kills carry over, so per-step metrics (and their sums) span the run
+    assert [h["step"] for h in state["log_history"] if "mode/empty_step" in h] == list(range(1, steps + 1))
     a = load_file(ref_run / "final" / "adapter_model.safetensors")
     b = load_file(run / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
