@@ -2,7 +2,8 @@
 # Two GPUs, DeepSpeed ZeRO-3 through accelerate, on the real 3B architecture with random weights:
 # every mode for a few steps (s/step and peak memory per GPU from the logs), the fp16 (T4) path, and a
 # kill-and-resume check against uninterrupted runs. Usage: bash benchmarks/two_gpu.sh OUT_DIR [part]
-# part: modes | resume (with full_determinism) | noise (the same without it) | all (default).
+# part: modes | resume (with full_determinism) | noise (the same without it) | full (full fine-tuning,
+# tiny-random) | all (default).
 # Needs 2 GPUs, deepspeed, and this repo's requirements.
 set -uo pipefail
 OUT=${1:?output folder}; PART=${2:-all}
@@ -52,11 +53,26 @@ rerun_check() {
 import glob, json, sys
 from safetensors.torch import load_file
 root = sys.argv[1]
-def final(run):
-    return load_file(glob.glob(f"{root}/{run}/*/final/adapter_model.safetensors")[0])
+def final(run):  # adapter_model.safetensors (LoRA) or model*.safetensors (full fine-tuning)
+    tensors = {}
+    for path in sorted(glob.glob(f"{root}/{run}/*/final/*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
 def step(run):
     return json.load(open(glob.glob(f"{root}/{run}/*/trainer_state.json")[0]))["global_step"]
 a = final("a")
+if any("lora_B" in k for k in a):  # LoRA B starts at zero
+    moved, total = sum(bool(t.any()) for k, t in a.items() if "lora_B" in k), sum("lora_B" in k for k in a)
+else:  # the saved full model loads, and differs from the initial one
+    from nbhelpers.models import build_random_model, load_model
+    saved_dtype = next(iter(a.values())).dtype
+    loaded = load_model(glob.glob(f"{root}/a/*/final")[0]).state_dict()
+    start = build_random_model("tiny-random").state_dict()
+    assert loaded.keys() == start.keys() and all(loaded[k].shape == start[k].shape for k in start)
+    moved, total = sum(not bool((loaded[k] == start[k].to(saved_dtype).float()).all()) for k in start), len(start)
+print(f"a: {len(a)} tensors saved, {sum(t.numel() for t in a.values()):,} values, "
+      f"{sum(t.numel() == 0 for t in a.values())} empty (an empty one would be a ZeRO-3 partition), "
+      f"{moved} of {total} trained tensors changed by training")
 for run in ("b", "killed"):
     other = final(run)
     diff = max(float((a[k].float() - other[k].float()).abs().max()) for k in a)
@@ -70,4 +86,8 @@ if [ "$PART" = resume ] || [ "$PART" = all ]; then
 fi
 if [ "$PART" = noise ] || [ "$PART" = all ]; then
   rerun_check default
+fi
+if [ "$PART" = full ] || [ "$PART" = all ]; then  # full fine-tuning: the gathered 16-bit weights, on tiny-random
+  rerun_check full --set full_determinism=true --set finetune=full --set vlm_name=tiny-random --set max_pixels=3136 \
+    --set learning_rate=1e-4
 fi
