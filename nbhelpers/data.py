@@ -13,7 +13,9 @@ plus, on every example of the datasets whose accuracy is reported per part, the 
     subset      str: chartqa "human" | "augmented"; chartqa-pro its "Question Type";
                 plotqa the question template; chartbench the task (CR, VE, VC, GC, NQA).
 Datasets without parts (chart-rvr-train, chartfc, evochart, synthetic) have no `subset` key;
-`example_subset(example)` reads it either way.
+`example_subset(example)` reads it either way. ChartQA-Pro examples also carry
+    exact_match bool: its `Year` flag of the scored answer; True means exact match is required
+                (no 5% numeric tolerance: "2019" is not "2020"). `example_exact_match` reads it.
 
 `load_examples` returns a `datasets.Dataset` whose stored columns are exactly the schema keys and
 whose rows (integer index or iteration) are schema dicts. Images stay encoded (bytes from the Hub,
@@ -47,6 +49,8 @@ log = logging.getLogger(__name__)
 
 EXAMPLE_KEYS = ("id", "image", "question", "answer", "chart_type", "table", "reasoning", "dataset")
 SUBSET_KEY = "subset"
+EXACT_MATCH_KEY = "exact_match"
+OPTIONAL_FEATURES = {SUBSET_KEY: Value("string"), EXACT_MATCH_KEY: Value("bool")}  # in column order
 TRL_COLUMNS = ("prompt", "image", "answer", "chart_type", "table", "reasoning", "id", "dataset")
 CHART_TYPES = ("line", "bar", "stacked bar", "pie", "histogram", "scatterplot", "area", "stacked area",
                "bubble", "treemap")
@@ -85,15 +89,15 @@ class DatasetFormatError(ValueError):
 
 
 # --------------------------------------------------------------------------- schema helpers
-def example_features(with_subset: bool = False) -> Features:
-    """Arrow features of the stored schema columns (image as a lazily decoded Image feature)."""
+def example_features(optional: Iterable[str] = ()) -> Features:
+    """Arrow features of the stored schema columns (image as a lazily decoded Image feature), with the
+    optional keys named in ``optional`` (from OPTIONAL_FEATURES)."""
     features = {
         "id": Value("string"), "image": ImageFeature(), "question": Value("string"),
         "answer": Value("string"), "chart_type": Value("string"), "table": TABLE_FEATURE,
         "reasoning": Value("string"), "dataset": Value("string"),
     }
-    if with_subset:
-        features[SUBSET_KEY] = Value("string")
+    features.update({key: feature for key, feature in OPTIONAL_FEATURES.items() if key in optional})
     return Features(features)
 
 
@@ -102,15 +106,20 @@ def example_subset(example: dict) -> str | None:
     return example.get(SUBSET_KEY)
 
 
+def example_exact_match(example: dict) -> bool:
+    """True when the example's answer must match exactly (ChartQA-Pro's Year flag), else False."""
+    return bool(example.get(EXACT_MATCH_KEY))
+
+
 def examples_to_dataset(examples: Iterable[dict]) -> datasets.Dataset:
     """Schema dicts (image: a PIL image or an image file path) as a stored `datasets.Dataset`.
 
     Raises DatasetFormatError when an example lacks a key, has an unknown key, when only some
-    examples carry `subset`, or when an id repeats.
+    examples carry an optional key (`subset`, `exact_match`), or when an id repeats.
     """
     rows = list(examples)
-    with_subset = bool(rows) and SUBSET_KEY in rows[0]
-    keys = list(example_features(with_subset))
+    optional = [key for key in OPTIONAL_FEATURES if rows and key in rows[0]]
+    keys = list(example_features(optional))
     seen_ids: set[str] = set()
     for position, row in enumerate(rows):
         if set(row) != set(keys):
@@ -120,7 +129,7 @@ def examples_to_dataset(examples: Iterable[dict]) -> datasets.Dataset:
             raise DatasetFormatError(f"dataset {row['dataset']!r}: id {row['id']!r} occurs more than once")
         seen_ids.add(row["id"])
     columns = {key: [_storable_image(row[key]) if key == "image" else row[key] for row in rows] for key in keys}
-    return datasets.Dataset.from_dict(columns, features=example_features(with_subset))
+    return datasets.Dataset.from_dict(columns, features=example_features(optional))
 
 
 def _storable_image(image: Any) -> Any:
@@ -434,8 +443,8 @@ def _text_columns(raw: datasets.Dataset, columns: Sequence[str]) -> dict[str, li
 
 def _with_images(columns: dict[str, list], raw: datasets.Dataset, name: str) -> datasets.Dataset:
     """Schema text columns joined with the raw image column, images left encoded (no copy)."""
-    with_subset = SUBSET_KEY in columns
-    text_features = Features({k: v for k, v in example_features(with_subset).items() if k != "image"})
+    optional = [key for key in OPTIONAL_FEATURES if key in columns]
+    text_features = Features({k: v for k, v in example_features(optional).items() if k != "image"})
     text = datasets.Dataset.from_dict(columns, features=text_features)
     images = raw.select_columns(["image"])
     feature = images.features["image"]
@@ -447,7 +456,7 @@ def _with_images(columns: dict[str, list], raw: datasets.Dataset, name: str) -> 
         raise DatasetFormatError(f"{name}: column 'image' must hold images or encoded image bytes, "
                                  f"found feature {feature}")
     joined = datasets.concatenate_datasets([text, images], axis=1)
-    return joined.select_columns(list(example_features(with_subset)))
+    return joined.select_columns(list(example_features(optional)))
 
 
 def find_exact_duplicates(raw: datasets.Dataset, batch_size: int = 1000) -> list[int]:
@@ -517,7 +526,7 @@ def _load_chartqa(request: LoadRequest) -> datasets.Dataset:
     raw = _load_hub(request, ("image", "query", "label", "human_or_machine"))
     text = _text_columns(raw, ("query", "label", "human_or_machine"))
     counts = {"human": 0, "augmented": 0}
-    columns: dict[str, list] = {key: [] for key in example_features(with_subset=True) if key != "image"}
+    columns: dict[str, list] = {key: [] for key in example_features([SUBSET_KEY]) if key != "image"}
     for i, (query, label, kind) in enumerate(zip(text["query"], text["label"], text["human_or_machine"])):
         where = f"row {i}"
         if kind not in _CHARTQA_SUBSETS:
@@ -569,12 +578,29 @@ def chartqa_pro_question(questions: Sequence[str], answers: Sequence[str], parag
     return "\n\n".join(parts)
 
 
+def chartqa_pro_exact_match(year_flags: Any, question_type: str, name: str, where: str) -> bool:
+    """Whether the scored answer needs exact match: a "YES" among its `Year` flags (a conversational
+    row's last flag only, the official scorer's rule). DatasetFormatError unless a list of YES/NO."""
+    if not isinstance(year_flags, list) or not year_flags or any(
+            not isinstance(flag, str) or flag.strip().upper() not in ("YES", "NO") for flag in year_flags):
+        raise DatasetFormatError(f"{name}: 'Year' at {where} must be a non-empty list of \"YES\"/\"NO\", "
+                                 f"got {year_flags!r}")
+    scored = year_flags[-1:] if question_type == "Conversational" else year_flags
+    return any(flag.strip().upper() == "YES" for flag in scored)
+
+
 def _load_chartqa_pro(request: LoadRequest) -> datasets.Dataset:
-    """ahmed-masry/ChartQAPro: image bytes; answer = Answer[-1] (Answer[0] for one-turn rows)."""
+    """ahmed-masry/ChartQAPro: image bytes; answer = Answer[-1] (Answer[0] for one-turn rows); exact_match
+    from `Year` (a copy without that column scores every answer with the 5% tolerance, and says so)."""
     name, split = request.name, request.split
     raw = _load_hub(request, ("image", "Question", "Answer", "Question Type"))
     has_paragraph = "Paragraph" in raw.column_names
-    text = _text_columns(raw, ["Question", "Answer", "Question Type"] + (["Paragraph"] if has_paragraph else []))
+    has_year = "Year" in raw.column_names
+    if not has_year:
+        log.warning("%s: no 'Year' column, so answers flagged for exact match (years) get the 5%% "
+                    "numeric tolerance too", name)
+    text = _text_columns(raw, ["Question", "Answer", "Question Type"] + (["Paragraph"] if has_paragraph else [])
+                         + (["Year"] if has_year else []))
     n = len(raw)
     paragraphs = text["Paragraph"] if has_paragraph else [None] * n
     questions, answers = [], []
@@ -588,11 +614,15 @@ def _load_chartqa_pro(request: LoadRequest) -> datasets.Dataset:
         turn_answers = [_required_text(a, name, "Answer", where) for a in turn_answers]
         questions.append(chartqa_pro_question(turns, turn_answers, paragraphs[i]))
         answers.append(turn_answers[-1])
+    question_types = [_required_text(v, name, "Question Type", f"row {i}")
+                      for i, v in enumerate(text["Question Type"])]
     columns = {
         "id": [f"chartqa-pro-{split}-{i}" for i in range(n)], "question": questions, "answer": answers,
         "chart_type": [None] * n, "table": [None] * n, "reasoning": [None] * n, "dataset": [name] * n,
-        SUBSET_KEY: [_required_text(v, name, "Question Type", f"row {i}")
-                     for i, v in enumerate(text["Question Type"])],
+        SUBSET_KEY: question_types,
+        EXACT_MATCH_KEY: [chartqa_pro_exact_match(flags, kind, name, f"row {i}")
+                          for i, (flags, kind) in enumerate(zip(text["Year"], question_types))]
+        if has_year else [False] * n,
     }
     return _with_images(columns, raw, name)
 

@@ -167,8 +167,15 @@ def format_score(text: str) -> float:
     return 2.0 if matches_output_format(text) else 0.0
 
 
-def accuracy_score(text: str, gold_answer: Any) -> float:
-    """1.0 if the last `<answer>` text is relaxed-correct against the gold answer, else 0.
+def exact_correctness(prediction: str, target: str) -> bool:
+    """Case-insensitive equality after removing surrounding whitespace and one trailing period: no
+    numeric tolerance. ChartQA-Pro's rule for answers its `Year` column flags ("2019" != "2020")."""
+    return _strip_answer(str(prediction)).lower() == _strip_answer(str(target)).lower()
+
+
+def accuracy_score(text: str, gold_answer: Any, exact_match: bool = False) -> float:
+    """1.0 if the last `<answer>` text is relaxed-correct against the gold answer (exactly equal
+    with ``exact_match``), else 0.
 
     No closed `<answer>` block, or a None gold answer: 0. A gold answer given as a list of
     strings (HF ChartQA's `label`) accepts any of them.
@@ -177,7 +184,8 @@ def accuracy_score(text: str, gold_answer: Any) -> float:
     if answer is None or gold_answer is None:
         return 0.0
     golds = gold_answer if isinstance(gold_answer, (list, tuple)) else [gold_answer]
-    return 1.0 if any(relaxed_correctness(answer, str(gold)) for gold in golds) else 0.0
+    verdict = exact_correctness if exact_match else relaxed_correctness
+    return 1.0 if any(verdict(answer, str(gold)) for gold in golds) else 0.0
 
 
 def length_think_score(text: str, window_words: tuple[int, int] = LENGTH_WINDOW_WORDS) -> float:
@@ -582,12 +590,13 @@ def total_reward(
 # --------------------------------------------------------------------------- correctness (c_i)
 
 
-def is_correct(completion: Any, answer: Any, threshold: float = 0.5) -> bool:
-    """The correctness bit of one completion: accuracy_reward >= threshold.
+def is_correct(completion: Any, answer: Any, threshold: float = 0.5, exact_match: bool = False) -> bool:
+    """The correctness bit of one completion: accuracy_reward >= threshold (``exact_match``: the
+    example's answer must match exactly, see `accuracy_score`).
 
     Training (the objectives' c_i) and sampling both use this, so they agree.
     """
-    return accuracy_score(completion_text(completion), answer) >= threshold
+    return accuracy_score(completion_text(completion), answer, exact_match) >= threshold
 
 
 def correctness(

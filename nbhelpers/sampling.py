@@ -202,7 +202,8 @@ def sample_to_file(cfg: RunConfig, out: str | Path, checkpoint: str | None = Non
             texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
             writer.write({"id": str(example["id"]), "dataset": example["dataset"], "question": example["question"],
                           "answer": example["answer"], "completions": texts,
-                          "correct": [is_correct(t, example["answer"], cfg.reward_threshold) for t in texts],
+                          "correct": [is_correct(t, example["answer"], cfg.reward_threshold,
+                                                 data.example_exact_match(example)) for t in texts],
                           "meta": {**meta_base, "seed_problem": seed}})
             drawn += len(texts)
             bar.update(1)
@@ -213,7 +214,8 @@ def sample_to_file(cfg: RunConfig, out: str | Path, checkpoint: str | None = Non
 
 def evaluate_accuracy(cfg: RunConfig, datasets: list[str], out: str | Path, checkpoint: str | None = None,
                       model=None, processor=None) -> dict[str, Any]:
-    """Greedy accuracy (relaxed metric) per evaluation dataset (and per subset where there is one), as JSON."""
+    """Greedy accuracy (relaxed metric; exact match where the example asks for it) per evaluation dataset
+    (and per subset where there is one), as JSON."""
     from . import data
     from .rewards import is_correct
 
@@ -234,7 +236,7 @@ def evaluate_accuracy(cfg: RunConfig, datasets: list[str], out: str | Path, chec
                 output = model.generate(**inputs, do_sample=False, max_new_tokens=cfg.sample_max_new_tokens,
                                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
             text = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-            verdict = is_correct(text, example["answer"], cfg.reward_threshold)
+            verdict = is_correct(text, example["answer"], cfg.reward_threshold, data.example_exact_match(example))
             per_subset.setdefault("all", []).append(verdict)
             if example.get("subset"):
                 per_subset.setdefault(str(example["subset"]), []).append(verdict)

@@ -34,8 +34,9 @@ def rows(examples) -> list[dict]:
     return [examples[i] for i in range(len(examples))]
 
 
-def assert_schema(examples, name: str, with_subset: bool):
-    keys = set(data.EXAMPLE_KEYS) | ({data.SUBSET_KEY} if with_subset else set())
+def assert_schema(examples, name: str, with_subset: bool, with_exact_match: bool = False):
+    keys = set(data.EXAMPLE_KEYS) | ({data.SUBSET_KEY} if with_subset else set()) \
+        | ({data.EXACT_MATCH_KEY} if with_exact_match else set())
     assert isinstance(examples, datasets.Dataset)
     all_rows = rows(examples)
     assert all_rows, "no examples"
@@ -205,10 +206,10 @@ def test_chartqa_pro_question_holds_the_history(questions, answers, paragraph, e
 
 def test_chartqa_pro_scores_the_last_turn_and_keeps_unanswerable():
     examples = load_examples("chartqa-pro", hub_loader=hub("chartqa-pro", fx.chartqa_pro_dataset()))
-    all_rows = assert_schema(examples, "chartqa-pro", with_subset=True)
-    assert [(r["id"], r["answer"], r["subset"]) for r in all_rows] == [
-        ("chartqa-pro-test-0", "2016", "Factoid"), ("chartqa-pro-test-1", "27", "Conversational"),
-        ("chartqa-pro-test-2", "Unanswerable", "Hypothetical"),
+    all_rows = assert_schema(examples, "chartqa-pro", with_subset=True, with_exact_match=True)
+    assert [(r["id"], r["answer"], r["subset"], r["exact_match"]) for r in all_rows] == [
+        ("chartqa-pro-test-0", "2016", "Factoid", True), ("chartqa-pro-test-1", "27", "Conversational", False),
+        ("chartqa-pro-test-2", "Unanswerable", "Hypothetical", False),
     ]
     conversation = all_rows[1]["question"]
     assert conversation.endswith("Question: What is their sum?")
@@ -216,6 +217,31 @@ def test_chartqa_pro_scores_the_last_turn_and_keeps_unanswerable():
     assert "27" not in conversation
     assert all_rows[2]["question"].startswith("Context: Shares grew every year.")
     assert [colour(r["image"]) for r in all_rows] == [fx.colour_of(k) for k in range(3)]
+
+
+@pytest.mark.parametrize("flags, question_type, expected", [
+    (["YES"], "Factoid", True),
+    (["NO"], "Factoid", False),
+    (["NO", "YES"], "Factoid", True),                 # a list answer with one year element
+    (["YES", "NO", "NO"], "Conversational", False),   # only the last turn is scored
+    (["NO", "NO", " yes "], "Conversational", True),
+])
+def test_chartqa_pro_exact_match_follows_the_scored_year_flag(flags, question_type, expected):
+    assert data.chartqa_pro_exact_match(flags, question_type, "chartqa-pro", "row 0") is expected
+
+
+@pytest.mark.parametrize("flags", [[], ["MAYBE"], "YES", [None]])
+def test_chartqa_pro_rejects_bad_year_flags(flags):
+    with pytest.raises(DatasetFormatError, match="'Year' at row 0"):
+        data.chartqa_pro_exact_match(flags, "Factoid", "chartqa-pro", "row 0")
+
+
+def test_chartqa_pro_without_year_column_uses_the_tolerance_and_says_so(caplog):
+    without_year = fx.chartqa_pro_dataset().remove_columns(["Year"])
+    with caplog.at_level("WARNING"):
+        examples = load_examples("chartqa-pro", hub_loader=hub("chartqa-pro", without_year))
+    assert [r["exact_match"] for r in rows(examples)] == [False, False, False]
+    assert "no 'Year' column" in caplog.text
 
 
 def test_chartqa_pro_rejects_turns_without_answers():

@@ -753,6 +753,24 @@ def test_is_correct(completion, answer, threshold, expected):
     assert is_correct(completion, answer, threshold) is expected
 
 
+@pytest.mark.parametrize(
+    ("prediction", "answer", "relaxed", "exact"),
+    [
+        ("2020", "2019", True, False),        # a year one off is within 5%: only exact match catches it
+        ("2019", "2019", True, True),
+        (" 2019. ", "2019", True, True),      # whitespace and one trailing period never count
+        ("Apples", "apples", True, True),     # case never counts
+        ("2019.0", "2019", True, False),      # exact means the same text
+        ("15.5", "15", True, False),
+        ("1,234", "1234", True, False),
+    ],
+)
+def test_exact_match_drops_the_numeric_tolerance(prediction, answer, relaxed, exact):
+    completion = build_completion(answer=prediction)
+    assert is_correct(completion, answer) is relaxed
+    assert is_correct(completion, answer, exact_match=True) is exact
+
+
 def test_is_correct_agrees_with_accuracy_reward():
     completions = [PERFECT, build_completion(answer="16"), "<answer>15.2</answer>", "15"]
     accuracies = accuracy_reward(completions=completions, answer=["15"] * 4)

@@ -151,3 +151,20 @@ def test_eval_accuracy_per_dataset(tmp_path):
     saved = json.loads(out.read_text())
     assert saved == result
     assert saved["datasets"]["synthetic"]["all"] == {"n": 3, "accuracy": 1 / 3}
+
+
+def test_samples_use_exact_match_where_the_example_asks(tmp_path, monkeypatch):
+    """ChartQA-Pro's Year flag: "2020" against gold "2019" is relaxed-correct, but not when exact match is asked."""
+    from nbhelpers import models
+    from nbhelpers.data import load_examples
+
+    cfg = smoke(n_samples=2)
+    processor = models.build_offline_processor(cfg.eval_max_pixels)
+    answer_ids = processor.tokenizer.encode("<answer>2020</answer>")
+    monkeypatch.setattr(sampling, "generate_in_chunks", lambda model, inputs, n, *a, **k: [answer_ids] * n)
+    examples = [{**example, "answer": "2019", "exact_match": exact} for example, exact in
+                zip(load_examples("synthetic", split="test", subset_size=2, seed=cfg.seed), (True, False))]
+    out = sampling.sample_to_file(cfg, tmp_path / "samples.jsonl", examples=examples,
+                                  model=torch.nn.Linear(1, 1), processor=processor)
+    verdicts = {r["id"]: r["correct"] for r in map(json.loads, out.read_text().splitlines())}
+    assert verdicts == {str(examples[0]["id"]): [False, False], str(examples[1]["id"]): [True, True]}
