@@ -6,8 +6,9 @@
 * ``_generate_and_score_completions`` (after TRL's own) replaces the advantages with
   :func:`nbhelpers.objectives.compute_advantages` for psr / nsr / w-reinforce and zeroes the
   completion mask of left-out samples, so they leave both the loss and its token normaliser;
-* ``_compute_loss`` rescales the loss types that average over sequences (grpo, sapo, dr_grpo) so
-  that the average runs over kept sequences only;
+* ``_compute_loss`` leaves the left-out rows out of the forward and backward pass (they would add
+  nothing but compute) and rescales the loss types that average over sequences (grpo, sapo, dr_grpo)
+  so that the average runs over kept sequences only;
 * ``create_optimizer`` makes a step in which no sample is kept skip the optimizer (no update, no NaN;
   logged as ``mode/empty_step``);
 * ``_generate_single_turn`` hands rollouts to the fast engine (:mod:`nbhelpers.rollout`) where it runs;
@@ -120,6 +121,8 @@ class ChartRLTrainer(GRPOTrainer):
         return output
 
     def _compute_loss(self, model, inputs):
+        if self.mode != "grpo":
+            inputs = without_left_out_rows(inputs)
         loss = super()._compute_loss(model, inputs)
         if self.mode == "grpo" or self.loss_type not in SEQUENCE_AVERAGED_LOSSES:
             return loss
@@ -168,6 +171,28 @@ class ChartRLTrainer(GRPOTrainer):
         if train and self.accelerator.is_main_process and (
                 step == 1 or step % max(1, self.args.logging_steps) == 0):
             print(format_mode_line(self.mode, step, stats), flush=True)
+
+
+def without_left_out_rows(batch: dict[str, Any]) -> dict[str, Any]:
+    """A micro-batch without the rows whose completion mask is all zero (left out by the objective), images
+    included; one row stays when none is kept, so every process still runs its forward and backward (DDP and
+    ZeRO-3 synchronise there). Per-row values are those that are not 0-dim, TRL's own convention."""
+    from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
+
+    kept = batch["completion_mask"].sum(dim=1) > 0
+    if bool(kept.all()):
+        return batch
+    index = kept.nonzero().squeeze(1) if bool(kept.any()) else kept.new_zeros(1, dtype=torch.long)
+    rows = index.tolist()
+
+    def pick(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return value[index.to(value.device)]
+        if isinstance(value, list):
+            return [value[i] for i in rows]
+        return value
+
+    return unsplit_pixel_values_by_grid({key: pick(value) for key, value in split_pixel_values_by_grid(batch).items()})
 
 
 class EtaCallback(TrainerCallback):
