@@ -238,7 +238,8 @@ def grpo_config(cfg: RunConfig, run_dir: Path, dtype: str, use_cpu: bool, deepsp
     from .rewards import reward_weights
 
     return GRPOConfig(
-        output_dir=str(run_dir), seed=cfg.seed, data_seed=cfg.seed, full_determinism=cfg.full_determinism,
+        output_dir=str(run_dir), seed=cfg.seed, data_seed=cfg.seed,
+        full_determinism=cfg.full_determinism,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
         num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
