@@ -7,6 +7,9 @@
   re-applied in another process.
 * ``qwen2-5-3b-random``: the real 3B architecture with random weights, for GPU benchmarks; it uses
   Qwen's own vocabulary size and special-token ids.
+* ``tiny-pretrained``: a small Qwen2.5-VL that chartrl pretrains itself (``tools/pretrain_tiny.py``),
+  supervised on synthetic charts with Chart-RVR completions, shipped in ``nbhelpers/assets/`` with its
+  own byte-level BPE tokenizer; the embedded default, whose rewards and Pass@k are not zero.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ QWEN_SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_en
                        "<|video_pad|>": 151656}
 TINY_VOCAB_SIZE = 512
 TINY_WEIGHT_SEED = 1234
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,7 @@ class ModelSpec:
     """One registry entry: where the weights come from and what kind of model it is."""
 
     name: str
-    source: str  # hub | random
+    source: str  # hub | random | asset (a folder in nbhelpers/assets)
     hub_id: str | None
     description: str
 
@@ -52,13 +57,26 @@ MODEL_REGISTRY: dict[str, ModelSpec] = {
                              "offline Qwen2.5-VL, <1M random parameters, 512-token byte vocabulary"),
     "qwen2-5-3b-random": ModelSpec("qwen2-5-3b-random", "random", None,
                                    "Qwen2.5-VL-3B architecture, random weights (benchmarks)"),
+    "tiny-pretrained": ModelSpec("tiny-pretrained", "asset", None,
+                                 "offline Qwen2.5-VL pretrained by chartrl on synthetic charts (~5M parameters)"),
 }
 
 
+def asset_dir(name: str) -> Path:
+    """The folder of a shipped (asset) model."""
+    return ASSETS_DIR / name
+
+
 def resolve_model(name: str) -> tuple[str, str]:
-    """Registry name or local folder -> (kind, location). kind is hub, random or local."""
+    """Registry name or local folder -> (kind, location). kind is hub, random, asset or local."""
     if name in MODEL_REGISTRY:
         spec = MODEL_REGISTRY[name]
+        if spec.source == "asset":
+            folder = asset_dir(name)
+            if not (folder / "config.json").is_file():
+                raise ValueError(f"vlm_name '{name}': its shipped weights are missing from {folder} "
+                                 f"(regenerate them with tools/pretrain_tiny.py)")
+            return ("asset", str(folder))
         return (spec.source, spec.hub_id or name)
     path = Path(name).expanduser()
     if path.is_dir():
@@ -97,10 +115,24 @@ def tiny_special_tokens() -> dict[str, int]:
 
 def build_offline_processor(max_pixels: int, min_pixels: int | None = None, tiny: bool = True):
     """A Qwen2.5-VL processor built offline: byte-level tokenizer, Qwen special tokens, pixel budget."""
+    special = tiny_special_tokens() if tiny else QWEN_SPECIAL_TOKENS
+    return _image_only_processor(_byte_level_tokenizer(special, TINY_VOCAB_SIZE if tiny else None),
+                                 max_pixels, min_pixels)
+
+
+def processor_from_tokenizer_file(path: str | Path, max_pixels: int, min_pixels: int | None = None):
+    """The processor of a shipped model: its ``tokenizer.json`` (holding Qwen's special tokens) with
+    chartrl's chat template, and the image pixel budget."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return _image_only_processor(tokenizer, max_pixels, min_pixels)
+
+
+def _image_only_processor(tokenizer, max_pixels: int, min_pixels: int | None):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    special = tiny_special_tokens() if tiny else QWEN_SPECIAL_TOKENS
-    tokenizer = _byte_level_tokenizer(special, TINY_VOCAB_SIZE if tiny else None)
     min_pixels = min(min_pixels or 28 * 28, max_pixels)
     # The PIL backend needs no torchvision; chartrl sends images only, so there is no video processor.
     image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
@@ -134,6 +166,32 @@ def _config(text: dict, vision: dict, special: dict[str, int]):
         c.pad_token_id = special["<|endoftext|>"]
         c.bos_token_id = special["<|endoftext|>"]
     return cfg
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """Ids of Qwen's special tokens in ``tokenizer`` (each must exist)."""
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in QWEN_SPECIAL_TOKENS}
+    missing = [tok for tok, i in ids.items() if i is None or i == tokenizer.unk_token_id]
+    if missing:
+        raise ValueError(f"tokenizer lacks the special tokens {missing}")
+    return ids
+
+
+def small_vl_config(special: dict[str, int], vocab_size: int, *, layers: int, hidden: int, intermediate: int,
+                    heads: int, kv_heads: int, vision_depth: int, vision_hidden: int, vision_heads: int):
+    """A small Qwen2.5-VL config (head dim = hidden / heads; M-RoPE sections split that dim 1:1.5:1.5)."""
+    half = hidden // heads // 2
+    temporal = half // 4
+    spatial = (half - temporal) // 2
+    text = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+                tie_word_embeddings=True,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                 "mrope_section": [half - 2 * spatial, spatial, spatial]})
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                  num_heads=vision_heads, out_hidden_size=hidden, fullatt_block_indexes=[vision_depth - 1],
+                  window_size=112, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    return _config(text, vision, special)
 
 
 def tiny_config():
@@ -195,6 +253,8 @@ def load_processor(vlm_name: str, max_pixels: int, min_pixels: int | None = None
     kind, location = resolve_model(vlm_name)
     if kind == "random":
         return build_offline_processor(max_pixels, min_pixels, tiny=(vlm_name == "tiny-random"))
+    if kind == "asset":
+        return processor_from_tokenizer_file(Path(location) / TOKENIZER_FILE, max_pixels, min_pixels)
     if kind == "local":
         base = _local_base(location)
         if base is not None:
@@ -212,7 +272,7 @@ def _local_base(folder: str) -> str | None:
     if (Path(folder) / "adapter_config.json").is_file():
         return _adapter_base(folder)
     name = json.loads((Path(folder) / "config.json").read_text()).get("chartrl_base_model")
-    return name if name in MODEL_REGISTRY and MODEL_REGISTRY[name].source == "random" else None
+    return name if name in MODEL_REGISTRY and MODEL_REGISTRY[name].source in ("random", "asset") else None
 
 
 def _adapter_base(adapter_dir: str) -> str:
@@ -238,8 +298,11 @@ def load_model(vlm_name: str, dtype: torch.dtype = torch.float32, device: str | 
         return PeftModel.from_pretrained(base, location, is_trainable=False).to(device)
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         location, dtype=dtype, attn_implementation=attn_implementation).to(device)
+    if kind == "asset":  # adapters and fine-tuned copies name the registry entry, not this machine's path
+        model.config._name_or_path = model.name_or_path = vlm_name
+    return model
 
 
 def lora_config(r: int = 8, alpha: int = 16, dropout: float = 0.05, targets=None):

@@ -25,7 +25,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 
 SYNTHETIC_CHART_TYPES = ("bar", "line", "pie", "scatterplot")
-SYNTHETIC_SPLITS = ("train", "test")
+# "pretrain" is the stream tools/pretrain_tiny.py trains tiny-pretrained on, apart from RL training and tests.
+SYNTHETIC_SPLITS = ("train", "test", "pretrain")
 QUESTION_KINDS = ("value", "max", "min", "difference", "sum")
 DPI = 64  # small so that drawing a 112 x 112 px chart takes a few milliseconds
 FONT_SIZE = 5  # points
@@ -46,12 +47,20 @@ def make_synthetic_examples(
     image_size: tuple[int, int] = (112, 112),
     chart_types: Sequence[str] = SYNTHETIC_CHART_TYPES,
     split: str = "train",
+    draw: bool = True,
+    start: int = 0,
 ) -> list[dict]:
-    """``n`` synthetic examples; chart types cycle through ``chart_types``; image_size is (width, height) px."""
+    """Examples ``start`` .. ``start + n - 1``; chart types cycle through ``chart_types``; image_size is
+    (width, height) px.
+
+    ``draw=False`` skips the rendering (``image`` is None) for text-only uses such as tokenizer training.
+    """
     if split not in SYNTHETIC_SPLITS:
         raise ValueError(f"synthetic: split must be one of {SYNTHETIC_SPLITS}, got {split!r}")
     if n < 0:
         raise ValueError(f"synthetic: n must be >= 0, got {n}")
+    if start < 0:
+        raise ValueError(f"synthetic: start must be >= 0, got {start}")
     width, height = (int(v) for v in image_size)
     if width < 28 or height < 28:
         raise ValueError(f"synthetic: image_size must be at least 28 x 28 px, got {image_size}")
@@ -61,16 +70,16 @@ def make_synthetic_examples(
         raise ValueError(f"synthetic: chart_types must be a non-empty subset of {SYNTHETIC_CHART_TYPES}, "
                          f"got {chart_types}")
     canvas = FigureCanvasAgg(Figure(figsize=(width / DPI, height / DPI), dpi=DPI))
-    return [_make_example(canvas, split, seed, i, chart_types[i % len(chart_types)], (width, height))
-            for i in range(n)]
+    return [_make_example(canvas if draw else None, split, seed, i, chart_types[i % len(chart_types)],
+                          (width, height)) for i in range(start, start + n)]
 
 
-def _make_example(canvas: FigureCanvasAgg, split: str, seed: int, index: int, chart_type: str,
+def _make_example(canvas: FigureCanvasAgg | None, split: str, seed: int, index: int, chart_type: str,
                   size: tuple[int, int]) -> dict:
     rng = random.Random(f"synthetic:{split}:{seed}:{index}")  # str seeds hash with SHA-512: stable everywhere
     header, categories, metric, values = _random_table(rng, chart_type)
     question, answer, steps = _random_question(rng, chart_type, header, categories, metric, values)
-    image = _draw(canvas, rng, chart_type, categories, metric, values, size)
+    image = None if canvas is None else _draw(canvas, rng, chart_type, categories, metric, values, size)
     return {
         "id": f"synthetic-{split}-{seed}-{index}",
         "image": image,

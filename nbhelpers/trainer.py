@@ -302,9 +302,9 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list |
                                       seed=cfg.seed, **options)
         train_dataset = data.to_trl_dataset(examples, cfg.max_pixels)
     if model is None:
-        # Random models are built straight on this process's GPU (seconds, not minutes of CPU init). They
-        # have no hub repository, so hub look-ups (PEFT checks the base model's files when saving) stay off.
-        random_model = models.resolve_model(cfg.vlm_name)[0] == "random"
+        # Random and shipped models are built straight on this process's GPU (seconds, not minutes of CPU
+        # init). They have no hub repository, so hub look-ups (PEFT checks the base model's files when saving) stay off.
+        random_model = models.resolve_model(cfg.vlm_name)[0] in ("random", "asset")
         if random_model:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
         device = PartialState().device if random_model else "cpu"

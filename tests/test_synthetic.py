@@ -128,3 +128,15 @@ def test_registry_loads_synthetic_with_default_size_and_options():
     generated = make_synthetic_examples(3, seed=2, image_size=(64, 48), chart_types=("pie",))
     assert [e["image"].tobytes() for e in small] == [e["image"].tobytes() for e in generated]
     assert data.load_examples("synthetic", split="test", subset_size=1, seed=2)[0]["id"] == "synthetic-test-2-0"
+
+
+def test_start_offsets_and_text_only_examples_match_the_full_stream():
+    full = make_synthetic_examples(6, seed=3, split="pretrain")
+    tail = make_synthetic_examples(2, seed=3, split="pretrain", start=4)
+    assert [e["id"] for e in tail] == [e["id"] for e in full[4:]]
+    assert [e["image"].tobytes() for e in tail] == [e["image"].tobytes() for e in full[4:]]
+    text_only = make_synthetic_examples(6, seed=3, split="pretrain", draw=False)
+    assert all(e["image"] is None for e in text_only)
+    keys = ("question", "answer", "table", "reasoning", "chart_type")
+    assert [[e[k] for k in keys] for e in text_only] == [[e[k] for k in keys] for e in full]
+    assert {e["id"] for e in full}.isdisjoint(e["id"] for e in make_synthetic_examples(6, seed=3, split="train"))
