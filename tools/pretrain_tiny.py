@@ -48,7 +48,7 @@ LR_FLOOR = 0.05
 WEIGHT_DECAY = 0.1
 GRAD_CLIP = 1.0
 STABLE_STEPS = None           # None: chosen by the clock, when MINUTES x STABLE_SHARE have passed
-MINUTES = 4.5                 # wall-clock budget of the training loop (the GPU call's limit is 10 min)
+MINUTES = 2.3                 # wall-clock budget of the training loop (the GPU call's limit is 10 min)
 STABLE_SHARE = 0.78
 EVAL_EVERY = 500              # steps
 EVAL_SEED = 900_001           # test-split seed of the held-out problems (no RL or test default uses it)
@@ -310,7 +310,8 @@ def train(out: Path, minutes: float, stable_steps: int | None, init_from: Path |
     model.to(torch.float32).save_pretrained(str(out), max_shard_size="14MB")
     hyper = {k: v for k, v in globals().items() if k.isupper() and isinstance(v, (int, float, str, tuple))}
     init = None if init_from is None else json.loads((init_from / "pretrain.json").read_text())
-    record = {"init_from": init, "hyperparameters": hyper, "stable_steps": stable_steps, "skipped_steps": skipped, "parameters": params, "steps": step,
+    record = {"command": " ".join(["python", "tools/pretrain_tiny.py", *sys.argv[1:]]), "minutes": minutes,
+              "init_from": init, "hyperparameters": hyper, "stable_steps": stable_steps, "skipped_steps": skipped, "parameters": params, "steps": step,
               "examples_seen": step * BATCH_SIZE,
               "completion_tokens_seen": tokens, "stop_reason": stop_reason, "train_seconds": round(train_seconds, 1),
               "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
