@@ -316,6 +316,7 @@ def with_value(mode, k, value, table=PATTERN_HOLDS):
     (with_value("psr", 256, 0.990), 0.01, 1.0, [True, False, True, False, False]),  # PSR best at large k
     (with_value("nsr", 1, 0.700), 0.01, 1.0, [True, True, False, True, True]),  # NSR far below GRPO at k=1
     (with_value("w-reinforce", 1, 0.700), 0.01, 1.0, [True, True, True, True, False]),  # W-R far from best at k=1
+    ({m: {1: 0.0, 256: 0.0} for m in MODES}, 0.0, 1.0, [True, False, True, True, True]),  # all tied: none worst
 ])
 def test_pattern_claims_follow_the_written_rules(estimates, half_width, near_pp, expected):
     claims = study_pattern.pattern_claims(estimates, pairs_from(estimates, half_width), [1, 256], near_pp)

@@ -204,7 +204,8 @@ def _cell(value: float, interval: Sequence[float]) -> str:
 
 
 def _diff_cell(value: float, interval: Sequence[float]) -> str:
-    return f"{value * 100:+.1f} [{interval[0] * 100:+.1f}, {interval[1] * 100:+.1f}]"
+    value, low, high = (v * 100 + 0.0 for v in (value, *interval))  # + 0.0: no "-0.0"
+    return f"{value:+.1f} [{low:+.1f}, {high:+.1f}]"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

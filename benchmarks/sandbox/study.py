@@ -332,13 +332,14 @@ def progress_of(settings: StudySettings, part: Part) -> str:
         run = work / "run" / part.name
         steps = [int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
         total = planned_steps(settings, part)
-        bits.append("trained" if (run / "final").is_dir() else f"checkpoint {max(steps, default=0)}/{total} steps")
+        if run.is_dir():
+            bits.append("trained" if (run / "final").is_dir() else f"checkpoint {max(steps, default=0)}/{total} steps")
     samples = work / "samples.jsonl"
     if samples.is_file():
         with open(samples, "rb") as handle:
             finished = sum(1 for line in handle if line.endswith(b"\n"))
         bits.append(f"{finished} problems sampled")
-    return ", ".join(bits) or "started"
+    return ", ".join(bits) or "not started"
 
 
 def planned_steps(settings: StudySettings, part: Part) -> int:

@@ -47,17 +47,13 @@ def near(interval: Interval, near_pp: float) -> bool:
 
 
 def _pp(interval: Interval) -> str:
-    difference, low, high = interval
-    return f"{difference * 100:+.1f} pp [{low * 100:+.1f}, {high * 100:+.1f}]"
-
-
-def _ranking(estimates: Mapping[str, Mapping[int, float]], k: int) -> list[str]:
-    """Modes from highest to lowest Pass@k at k (ties keep the order of PATTERN_MODES)."""
-    return sorted(estimates, key=lambda m: (-estimates[m][k], PATTERN_MODES.index(m)))
+    difference, low, high = (value * 100 + 0.0 for value in interval)  # + 0.0: no "-0.0"
+    return f"{difference:+.1f} pp [{low:+.1f}, {high:+.1f}]"
 
 
 def best_or_near_best(estimates, pairs, mode: str, k: int, near_pp: float) -> tuple[bool, str]:
-    best = _ranking(estimates, k)[0]
+    """True when ``mode`` has the highest Pass@k at k (ties included) or is near the mode that has it."""
+    best = max(estimates, key=lambda m: (estimates[m][k], m == mode))
     if best == mode:
         return True, f"{mode} is best at k = {k} ({estimates[mode][k]:.1%})"
     interval = paired(pairs, mode, best, k)
@@ -66,11 +62,12 @@ def best_or_near_best(estimates, pairs, mode: str, k: int, near_pp: float) -> tu
 
 
 def worst(estimates, pairs, mode: str, k: int, near_pp: float) -> tuple[bool, str]:
-    ranking = _ranking(estimates, k)
-    if ranking[-1] != mode:
-        return False, (f"{mode} is not lowest at k = {k} ({estimates[mode][k]:.1%}; lowest: {ranking[-1]}, "
-                       f"{estimates[ranking[-1]][k]:.1%})")
-    next_lowest = ranking[-2]
+    """True when ``mode`` has the lowest Pass@k at k (ties included) and is not near the next lowest."""
+    others = [m for m in estimates if m != mode]
+    next_lowest = min(others, key=lambda m: estimates[m][k])
+    if estimates[mode][k] > estimates[next_lowest][k]:
+        return False, (f"{mode} is not lowest at k = {k} ({estimates[mode][k]:.1%}; lowest: {next_lowest}, "
+                       f"{estimates[next_lowest][k]:.1%})")
     interval = paired(pairs, mode, next_lowest, k)
     if near(interval, near_pp):
         return False, f"{mode} is lowest at k = {k} but near {next_lowest}: {_pp(interval)}"
