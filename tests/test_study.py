@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -157,7 +158,7 @@ def test_gzip_samples_are_reproducible_and_read_by_passk(small_study, tmp_path):
     packed = small_study.samples_path(part)
     first = packed.read_bytes()
     study._write_gzip(small_study.work_path(part) / "samples.jsonl", packed)
-    assert packed.read_bytes() == first  # mtime 0: same samples, same bytes
+    assert packed.read_bytes() == first and first[4:8] == bytes(4)  # gzip header mtime 0: same samples, same bytes
     from_gz = passk.read_samples(packed)
     from_plain = passk.read_samples(small_study.work_path(part) / "samples.jsonl")
     assert [(p.id, p.n, p.c) for p in from_gz] == [(p.id, p.n, p.c) for p in from_plain] == \
@@ -271,7 +272,7 @@ def test_run_processes_stops_running_parts_at_the_time_budget(tmp_path):
     }
     lines = []
     outcomes = study.run_processes(commands, jobs=1, time_budget_s=0.5, say=lines.append, poll_s=0.05)
-    assert [(o.part, o.state) for o in outcomes] == [("sleeper", "stopped")]
+    assert [(o.part, o.state, o.returncode) for o in outcomes] == [("sleeper", "stopped", -signal.SIGTERM)]
     assert not (tmp_path / "n.log").exists()
     assert any("time budget" in line for line in lines)
     with pytest.raises(ProcessLookupError):
