@@ -357,7 +357,8 @@ def time_estimate(settings: StudySettings, parts: Sequence[Part], jobs: int) -> 
     cfg = settings.sample_config(Part(BASE_PART))
     steps = sum(planned_steps(settings, p) for p in parts if p.trains)
     samples = len(parts) * cfg.max_problems * cfg.n_samples
-    lines = [f"remaining: {len([p for p in parts if p.trains])} training runs = {steps} steps; {len(parts)} "
+    lines = [f"remaining (checkpoints not subtracted): {len([p for p in parts if p.trains])} training runs = "
+             f"{steps} steps; {len(parts)} "
              f"samplings = {samples:,} samples of at most {cfg.sample_max_new_tokens} tokens"]
     trained = [m for m in markers if m.get("train_s") and m.get("train_steps")]
     sampled = [m for m in markers if m.get("sample_tokens")]

@@ -107,9 +107,13 @@ class StudySettings:
         return settings
 
 
+# Keys that decide where files go or how a run checkpoints, not what it computes: outside the fingerprint.
+NOT_DECISIVE = ("output_root", "persistent_root", "run_name", "resume", "save_steps", "save_total_limit", "report_to")
+
+
 def _decisive(config: dict[str, Any]) -> dict[str, Any]:
-    """A configuration without the keys that only say where files go (so a moved study folder still matches)."""
-    return {k: v for k, v in config.items() if k not in ("output_root", "persistent_root", "run_name")}
+    """A configuration without the NOT_DECISIVE keys (so a moved study folder, say, still matches)."""
+    return {k: v for k, v in config.items() if k not in NOT_DECISIVE}
 
 
 def _load(settings: StudySettings, files: list[Path], overrides: dict[str, Any], sections: str) -> RunConfig:
