@@ -371,7 +371,7 @@ def time_estimate(settings: StudySettings, parts: Sequence[Part], jobs: int) -> 
     per_sample = sum(m["sample_tokens"] for m in sampled) / sum(m["sample_problems"] * m["n_samples"] for m in sampled)
     busy = steps * s_step + samples * per_sample * s_token
     concurrency = max(m.get("jobs", 1) for m in markers)
-    lines.append(f"rates of done parts (each sharing the GPU with up to {concurrency} parts): {s_step:.2f} s per "
+    lines.append(f"rates of done parts (each sharing the device with up to {concurrency} parts): {s_step:.2f} s per "
                  f"training step, {s_token * 1e3:.3f} ms per sampled token, {per_sample:.0f} tokens per sample")
     lines.append(f"time: {steps} x {s_step:.2f} s + {samples:,} x {per_sample:.0f} x {s_token * 1e3:.3f} ms = "
                  f"{busy / 60:.0f} part-minutes; with --jobs {jobs}: about {busy / 60 / max(1, min(jobs, len(parts))):.0f} "
