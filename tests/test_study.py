@@ -152,6 +152,17 @@ def test_run_part_publishes_samples_logs_and_marker(small_study):
     assert set(marker["versions"]) >= {"python", "torch", "transformers", "trl", "peft"}
 
 
+def test_export_writes_one_tar_per_part_relative_to_the_study_folder(small_study, tmp_path):
+    import tarfile
+
+    study.run_part(small_study, small_study.part("grpo-s0"), train=fake_train, sample=fake_sample)
+    [path] = study.export_parts(small_study, ["grpo-s0"], tmp_path / "export")
+    with tarfile.open(path) as tar:
+        names = sorted(tar.getnames())
+    assert names == ["runs/grpo-s0", "runs/grpo-s0/part.json", "runs/grpo-s0/train-config.yaml",
+                     "runs/grpo-s0/trainer_state.json", "samples/grpo-s0.jsonl.gz"]
+
+
 def test_gzip_samples_are_reproducible_and_read_by_passk(small_study, tmp_path):
     part = small_study.part("base")
     study.run_part(small_study, part, sample=fake_sample)

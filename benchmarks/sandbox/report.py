@@ -143,7 +143,8 @@ def write_results(study: dict) -> list[Path]:
     for label, results in {**study["per_part"], **{f"pooled-{k}": v for k, v in study["pooled"].items()}}.items():
         written.append(passk.write_results(results, root / f"{label}.json"))
     summary = {"verdict": study["verdict"],
-               "claims": [{"statement": c.statement, "holds": c.holds, "evidence": c.evidence} for c in study["claims"]],
+               "claims": [{"statement": c.statement, "holds": c.holds, "evidence": c.evidence}
+                          for c in study["claims"]],
                "versus": study["versus"], "per_seed_vs_grpo": study["per_seed_vs_grpo"],
                "missing_parts": [p.name for p in study["parts"] if study["status"][p.name] != "done"],
                "gpu_time": gpu_time_rows(study)}
@@ -187,8 +188,9 @@ def write_figures(study: dict) -> dict[str, Path]:
     if by_mode:
         means = {m: seed_mean_frame(frames) for m, frames in by_mode.items()}
         metrics = [c for c in TRAINING_METRICS if all(c in f for f in means.values())]
-        figures["Training curves per mode (mean over seeds)"] = folder / "training_curves.png"
-        plots.plot_training_curves(means, metrics=metrics, save_to=figures["Training curves per mode (mean over seeds)"])
+        title = "Training curves per mode (mean over seeds)"
+        figures[title] = folder / "training_curves.png"
+        plots.plot_training_curves(means, metrics=metrics, save_to=figures[title])
         for mode, frames in by_mode.items():
             labels = [p.name for p in study["done"] if p.mode == mode]
             metrics = [c for c in TRAINING_METRICS if all(c in f for f in frames)]
@@ -283,8 +285,8 @@ def report_markdown(study: dict, figures: Mapping[str, Path]) -> str:
     out.append(f"Parts done: {len(study['done'])} of {len(study['parts'])}." +
                (f" **Missing: {', '.join(missing)}** (the numbers below use the done parts only)." if missing else ""))
     out += ["", f"Base model `{settings.model}`; {sample.max_problems} held-out test problems "
-                f"({sample.eval_dataset}, split {sample.eval_split}, seed {settings.eval_seed}), n = {sample.n_samples} "
-                f"samples each at temperature {sample.sample_temperature:g}, top-p {sample.sample_top_p:g}, at most "
+                f"({sample.eval_dataset}, split {sample.eval_split}, seed {settings.eval_seed}), "
+                f"n = {sample.n_samples} samples each at temperature {sample.sample_temperature:g}, top-p {sample.sample_top_p:g}, at most "
                 f"{sample.sample_max_new_tokens} new tokens. Intervals: 95% bootstrap over problems "
                 f"({settings.report['bootstrap']} resamples); pooled = each problem's Pass@k averaged over the seeds."]
     out += ["", "### Does the paper's pattern hold?", "", study["verdict"], ""]

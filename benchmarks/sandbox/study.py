@@ -374,8 +374,8 @@ def time_estimate(settings: StudySettings, parts: Sequence[Part], jobs: int) -> 
     lines.append(f"rates of done parts (each sharing the device with up to {concurrency} parts): {s_step:.2f} s per "
                  f"training step, {s_token * 1e3:.3f} ms per sampled token, {per_sample:.0f} tokens per sample")
     lines.append(f"time: {steps} x {s_step:.2f} s + {samples:,} x {per_sample:.0f} x {s_token * 1e3:.3f} ms = "
-                 f"{busy / 60:.0f} part-minutes; with --jobs {jobs}: about {busy / 60 / max(1, min(jobs, len(parts))):.0f} "
-                 f"minutes of wall time")
+                 f"{busy / 60:.0f} part-minutes; with --jobs {jobs}: about "
+                 f"{busy / 60 / max(1, min(jobs, len(parts))):.0f} minutes of wall time")
     return lines
 
 
