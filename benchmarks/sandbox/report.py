@@ -286,8 +286,8 @@ def report_markdown(study: dict, figures: Mapping[str, Path]) -> str:
                (f" **Missing: {', '.join(missing)}** (the numbers below use the done parts only)." if missing else ""))
     out += ["", f"Base model `{settings.model}`; {sample.max_problems} held-out test problems "
                 f"({sample.eval_dataset}, split {sample.eval_split}, seed {settings.eval_seed}), "
-                f"n = {sample.n_samples} samples each at temperature {sample.sample_temperature:g}, top-p {sample.sample_top_p:g}, at most "
-                f"{sample.sample_max_new_tokens} new tokens. Intervals: 95% bootstrap over problems "
+                f"n = {sample.n_samples} samples each at temperature {sample.sample_temperature:g}, "
+                f"top-p {sample.sample_top_p:g}, at most {sample.sample_max_new_tokens} new tokens. Intervals: 95% bootstrap over problems "
                 f"({settings.report['bootstrap']} resamples); pooled = each problem's Pass@k averaged over the seeds."]
     out += ["", "### Does the paper's pattern hold?", "", study["verdict"], ""]
     out += [markdown_table(["claim", "holds", "numbers"],
