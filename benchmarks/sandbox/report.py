@@ -287,7 +287,8 @@ def report_markdown(study: dict, figures: Mapping[str, Path]) -> str:
     out += ["", f"Base model `{settings.model}`; {sample.max_problems} held-out test problems "
                 f"({sample.eval_dataset}, split {sample.eval_split}, seed {settings.eval_seed}), "
                 f"n = {sample.n_samples} samples each at temperature {sample.sample_temperature:g}, "
-                f"top-p {sample.sample_top_p:g}, at most {sample.sample_max_new_tokens} new tokens. Intervals: 95% bootstrap over problems "
+                f"top-p {sample.sample_top_p:g}, at most {sample.sample_max_new_tokens} new tokens. "
+                f"Intervals: 95% bootstrap over problems "
                 f"({settings.report['bootstrap']} resamples); pooled = each problem's Pass@k averaged over the seeds."]
     out += ["", "### Does the paper's pattern hold?", "", study["verdict"], ""]
     out += [markdown_table(["claim", "holds", "numbers"],
