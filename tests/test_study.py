@@ -396,7 +396,7 @@ def test_report_computes_pooled_passk_comparisons_verdict_and_readme(tmp_path, c
     assert summary["missing_parts"] == [] and all(c["holds"] for c in summary["claims"])
     readme = (tmp_path / "README.md").read_text()
     assert readme.startswith("# Study\n\nhand-written") and readme.rstrip().endswith("tail") and "\nold\n" not in readme
-    assert "| psr | 60.0 [" in readme and "| psr - grpo |" in readme and "Test GPU" in readme
+    assert "| psr (seeds 0, 1) | 60.0 [" in readme and "| psr - grpo |" in readme and "Test GPU" in readme
     assert "identical apart from `mode` and `seed`" in readme
     for figure in ("passk_curves", "improvement_over_base", "improvement_over_grpo", "training_curves",
                    "training_psr"):

@@ -299,7 +299,9 @@ def report_markdown(study: dict, figures: Mapping[str, Path]) -> str:
                 f"best = highest, or near the highest; worst = lowest and not near the next lowest; large k = the "
                 f"largest k; overall = every k."]
     if study["pooled"]:
-        out += ["", "### Pass@k (%), seeds pooled", "", passk_table(study["pooled"], ks)]
+        labelled = {label if label == "base" else f"{label} (seeds {', '.join(map(str, r['meta']['seeds']))})": r
+                    for label, r in study["pooled"].items()}
+        out += ["", "### Pass@k (%), seeds pooled", "", passk_table(labelled, ks)]
         out += ["", "### Pass@k (%) per part", "", passk_table(study["per_part"], ks)]
     for reference, comparisons in study["versus"].items():
         if comparisons:
