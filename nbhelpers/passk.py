@@ -10,6 +10,7 @@ Results file (JSON): {"method", "dataset", "n_problems", "n_samples", "pass_at_k
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import numbers
 import os
@@ -135,7 +136,8 @@ def _problem_from_record(record, where: str) -> ProblemCounts:
 
 
 def read_samples(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[ProblemCounts]:
-    """Read one or more samples files into per-problem counts, in file order.
+    """Read one or more samples files (``.jsonl``, or gzip-compressed ``.jsonl.gz``) into per-problem
+    counts, in file order.
 
     Raises ValueError naming the file and line for a bad JSON line, a missing field, a
     non-boolean `correct`, len(correct) != len(completions), or a truncated last line.
@@ -144,7 +146,8 @@ def read_samples(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     problems: list[ProblemCounts] = []
     for path in paths:
         count_before = len(problems)
-        with open(path, encoding="utf-8") as handle:
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
