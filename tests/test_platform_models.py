@@ -23,7 +23,7 @@ def test_platform_detection(env, colab, expected):
 
 PLATFORMS = [  # name, gpus, dtype, store, recommended
     ("colab", [A100], "bf16", "/content/drive/MyDrive/chartrl", "colab-a100"),
-    ("kaggle", [T4, T4], "fp16", "/kaggle/working/chartrl", "kaggle-2xt4"),
+    ("kaggle", [T4, T4], "fp16", "/kaggle/working/chartrl-runs", "kaggle-2xt4"),
     ("local", [], "fp32", None, "local-cpu"),
 ]
 
