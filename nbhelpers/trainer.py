@@ -425,6 +425,16 @@ def record_config(cfg: RunConfig, run_dir: Path, store: Path | None) -> None:
             log.warning("could not write config.yaml into the persistent store %s: %s", store, error)
 
 
+def recorded_config(run_dir: Path, fallback: RunConfig) -> RunConfig:
+    """The configuration in the run folder's config.yaml (what its model was trained with), else ``fallback``."""
+    from .config import load_resolved_config
+
+    try:
+        return load_resolved_config(run_dir / "config.yaml")
+    except ConfigError:
+        return fallback
+
+
 def _write_summary(run_dir: Path) -> None:
     from . import monitor
 
@@ -447,8 +457,9 @@ def check_run_identity(cfg: RunConfig) -> None:
 def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
     """Train (resuming from the newest complete checkpoint), save the final adapter/model; return the run folder.
 
-    Nothing is written before the run's identity is checked and model and data are loaded, so a refused or
-    failed start leaves an earlier run's files as they were. With a persistent store, every complete local
+    No file an earlier run wrote is changed before the run's identity is checked and model and data are
+    loaded (only a checkpoint restored from the store is added), so a refused or failed start leaves them as
+    they were. With a persistent store, every complete local
     checkpoint and final/ the store lacks is copied at the start and at the end."""
     from accelerate import PartialState
 
@@ -473,7 +484,7 @@ def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
                       flush=True)
                 if not (run_dir / "config.yaml").is_file():  # restored from the store on a new machine
                     record_config(cfg, run_dir, store)
-                finalize_from_checkpoint(resume_from, run_dir, cfg)
+                finalize_from_checkpoint(resume_from, run_dir, recorded_config(run_dir, cfg))
                 _write_summary(run_dir)
                 if sync is not None:
                     sync.catch_up(run_dir)

@@ -184,3 +184,38 @@ def test_model_card_of_a_local_model_names_the_folder(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     card = model_card(preset_config("smoke", vlm_name=str(tmp_path)))
     assert f"local model folder `{tmp_path}`" in card and "huggingface.co" not in card
+
+
+def finished_run(root: Path, cfg) -> Path:
+    """A run folder whose last checkpoint is complete and final (as a kill before the final save leaves it)."""
+    import json
+
+    from nbhelpers.sync import write_manifest
+
+    folder = root / cfg.resolved_run_name()
+    save_resolved_config(cfg, folder)
+    checkpoint = folder / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
+    (checkpoint / "trainer_state.json").write_text(json.dumps(
+        {"global_step": 2, "max_steps": 2, "log_history": [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.4}]}))
+    write_manifest(checkpoint)
+    return folder
+
+
+def test_finished_run_reports_done_and_fills_the_store_with_the_recorded_card(tmp_path):
+    """The finish path (no training): final/ from the last checkpoint, its card from config.yaml even under
+    resume_changed_config, and the store gets the checkpoint and final/."""
+    from nbhelpers.sync import is_complete_checkpoint
+    from nbhelpers.trainer import train
+
+    runs, store = tmp_path / "runs", tmp_path / "store"
+    folder = finished_run(runs, preset_config("smoke", output_root=str(runs), run_name="done"))
+    record = (folder / "config.yaml").read_bytes()
+    assert train(preset_config("smoke", output_root=str(runs), run_name="done", persistent_root=str(store),
+                               learning_rate=0.05, resume_changed_config=True)) == folder
+    card = (folder / "final" / "README.md").read_text()
+    assert "| `learning_rate` | `0.001` |" in card and "| `learning_rate` | `0.05` |" not in card
+    assert (folder / "config.yaml").read_bytes() == record
+    assert is_complete_checkpoint(store / "done" / "checkpoint-2", True)
+    assert is_complete_checkpoint(store / "done" / "final", True)
