@@ -219,3 +219,16 @@ def test_finished_run_reports_done_and_fills_the_store_with_the_recorded_card(tm
     assert (folder / "config.yaml").read_bytes() == record
     assert is_complete_checkpoint(store / "done" / "checkpoint-2", True)
     assert is_complete_checkpoint(store / "done" / "final", True)
+
+
+def test_multi_process_launch_is_refused_before_writing_its_files(tmp_path):
+    """Kaggle's two processes go through accelerate launch: the refusal comes before launch-params.yaml."""
+    from nbhelpers import launch
+
+    folder = trained_folder(tmp_path, preset_config("smoke", output_root=str(tmp_path), run_name="mine"))
+    before = tree_digest(folder)
+    launched = []
+    with pytest.raises(ProvenanceError, match="seed 42 -> 1"):
+        launch.launch_training(preset_config("smoke", output_root=str(tmp_path), run_name="mine", seed=1,
+                                             num_processes=2), run=lambda *a, **k: launched.append(a) or 0)
+    assert launched == [] and tree_digest(folder) == before
