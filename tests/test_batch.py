@@ -219,7 +219,8 @@ def test_rerunning_one_mode_keeps_the_comparison_of_all(tmp_path):
     saved = json.loads((folder / "batch.json").read_text())
     assert saved["modes"] == ["grpo", "psr", "nsr"] and again.exit_code == 0
     assert [(s["notebook"], s["mode"], s["status"]) for s in saved["steps"]] == \
-        [(n, m, "ok") for m in ("grpo", "psr", "nsr") for n in (batch.TRAIN, batch.GENERATE)] + [(batch.PASSK, None, "ok")]
+        [(n, m, "ok") for m in ("grpo", "psr", "nsr") for n in (batch.TRAIN, batch.GENERATE)] + \
+        [(batch.PASSK, None, "ok")]
     assert not list(folder.glob(".*-new"))
 
 
@@ -236,7 +237,8 @@ def test_a_failed_comparison_keeps_the_old_figures_and_results(tmp_path):
     folder = tmp_path / "b"
     batch.run_batch("smoke", ["grpo", "nsr"], "local-cpu", folder, execute=SamplingExecutor())
     before = {name: folder_digest(folder / name) for name in ("figures", "results")}
-    report = batch.run_batch("smoke", ["nsr"], "local-cpu", folder, execute=SamplingExecutor(failing={(batch.PASSK, None)}))
+    report = batch.run_batch("smoke", ["nsr"], "local-cpu", folder,
+                             execute=SamplingExecutor(failing={(batch.PASSK, None)}))
     assert report.exit_code == 1
     assert {name: folder_digest(folder / name) for name in ("figures", "results")} == before
     assert not list(folder.glob(".*-new"))
