@@ -9,6 +9,10 @@
 A failed mode does not stop the others; it is reported at the end and the exit code is 1. Every
 mode's configuration is checked before the first notebook starts. Rerunning with the same ``--out``
 resumes: training continues from the newest checkpoints and sampling from the finished problems.
+Rerunning only some modes (``--modes nsr``, e.g. after nsr failed) keeps the others: 30_passk compares
+every mode whose samples the folder holds and ``batch.json`` keeps the other modes' steps. A rerun with
+another preset, platform or ``--set`` than the folder's is refused before anything changes. The
+figures and results are replaced only when 30_passk succeeds.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,11 +54,15 @@ class Step:
 
 @dataclass
 class BatchReport:
+    """What a batch folder holds: its preset, platform and ``--set`` overrides, the modes it covers, and
+    every notebook run (a rerun of some modes keeps the other modes' steps)."""
+
     folder: str
     preset: str
     modes: list[str]
     platform: str | None
     steps: list[Step] = field(default_factory=list)
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def failed(self) -> list[Step]:
@@ -107,6 +116,46 @@ def check_configs(preset: str, modes: Sequence[str], platform: str | None,
             for mode in modes}
 
 
+def previous_report(folder: Path, preset: str, platform: str | None,
+                    overrides: Mapping[str, Any]) -> BatchReport | None:
+    """The report of an earlier batch in ``folder`` (None when there is none). Raises BatchError when it ran
+    with another preset, platform or overrides: its samples would not compare with this batch's."""
+    path = folder / "batch.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        report = BatchReport(**{**data, "steps": [Step(**step) for step in data["steps"]]})
+    except (ValueError, TypeError, KeyError) as error:
+        raise BatchError(f"{path}: not a batch report ({error}); use another --out") from None
+    asked = {"preset": preset, "platform": platform, "overrides": dict(overrides)}
+    held = {"preset": report.preset, "platform": report.platform, "overrides": report.overrides}
+    differing = [f"{key} {held[key]!r} -> {asked[key]!r}" for key in asked if held[key] != asked[key]]
+    if differing:
+        raise BatchError(f"{folder} holds a batch run with other settings ({', '.join(differing)}); rerun it "
+                         "with the same --preset, --platform and --set, or use another --out")
+    return report
+
+
+def _modes_with_samples(previous: BatchReport | None, rerun: Sequence[str], samples: Mapping[str, str],
+                        folder: Path) -> dict[str, str]:
+    """Samples files of the modes sampled now, plus those of earlier modes not rerun now whose generation
+    succeeded; in the order of MODES."""
+    found = dict(samples)
+    for step in previous.steps if previous else []:
+        path = folder / "samples" / f"{step.mode}.jsonl"
+        if step.notebook == GENERATE and step.status == "ok" and step.mode not in rerun and path.is_file():
+            found[step.mode] = str(path)
+    return {mode: found[mode] for mode in MODES if mode in found}
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Put the folder ``new`` in place of ``target``."""
+    if target.exists():
+        shutil.rmtree(target)
+    new.rename(target)
+
+
 def _error_line(error: BaseException) -> str:
     ename, evalue = getattr(error, "ename", None), getattr(error, "evalue", None)
     text = f"{ename}: {evalue}" if ename else f"{type(error).__name__}: {error}"
@@ -133,13 +182,15 @@ def run_batch(preset: str, modes: Sequence[str], platform: str | None = None, ou
               execute: Callable[..., None] = execute_notebook) -> BatchReport:
     """Train and sample every mode, then compare them; returns the report (also in ``batch.json``)."""
     folder = batch_folder(preset, out)
-    overrides = {"output_root": str(folder / "runs"), **(overrides or {})}
+    requested_overrides = dict(overrides or {})
+    overrides = {"output_root": str(folder / "runs"), **requested_overrides}
     configs = check_configs(preset, modes, platform, overrides)
+    previous = previous_report(folder, preset, platform, requested_overrides)
     if execute is execute_notebook:
         check_kernel()
     for name in ("notebooks", "samples", "results", "figures"):
         (folder / name).mkdir(parents=True, exist_ok=True)
-    report = BatchReport(str(folder), preset, list(modes), platform)
+    report = BatchReport(str(folder), preset, list(modes), platform, overrides=requested_overrides)
     common = {"preset": preset, **({"platform": platform} if platform is not None else {}), **overrides}
     samples = {}
     for mode in modes:
@@ -153,13 +204,26 @@ def run_batch(preset: str, modes: Sequence[str], platform: str | None = None, ou
         if _run_step(generate, {"mode": mode, **common, "checkpoint": "run", "samples_path": str(samples_path)},
                      execute):
             samples[mode] = str(samples_path)
+    kept = [s for s in (previous.steps if previous else []) if s.mode is not None and s.mode not in modes]
+    report.steps = sorted(kept + report.steps, key=lambda s: MODES.index(s.mode))
+    report.modes = [m for m in MODES if any(s.mode == m for s in report.steps)]
+    compared = _modes_with_samples(previous, modes, samples, folder)
     passk = Step(PASSK, None, str(folder / "notebooks" / f"{PASSK}.ipynb"))
     report.steps.append(passk)
-    if samples:
-        first = configs[next(iter(samples))]
-        _run_step(passk, {"samples_files": list(samples.values()), "labels": list(samples),
-                          "bootstrap": first.bootstrap, "results_dir": str(folder / "results"),
-                          "figures_dir": str(folder / "figures"), "live_widgets": False}, execute)
+    if compared:
+        fresh = {name: folder / f".{name}-new" for name in ("results", "figures")}
+        for path in fresh.values():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+        first = configs[next(iter(samples))] if samples else next(iter(configs.values()))
+        if _run_step(passk, {"samples_files": list(compared.values()), "labels": list(compared),
+                             "bootstrap": first.bootstrap, "results_dir": str(fresh["results"]),
+                             "figures_dir": str(fresh["figures"]), "live_widgets": False}, execute):
+            for name, path in fresh.items():
+                _replace_folder(path, folder / name)
+        else:
+            for path in fresh.values():
+                shutil.rmtree(path, ignore_errors=True)
     else:
         passk.status = "skipped"
     (folder / "batch.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
@@ -213,4 +277,4 @@ def run_from_cli(args: argparse.Namespace) -> int:
 
 
 __all__ = ["BatchError", "BatchReport", "Step", "batch_folder", "check_configs", "check_kernel", "execute_notebook",
-           "format_report", "run_batch"]
+           "format_report", "previous_report", "run_batch"]

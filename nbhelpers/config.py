@@ -7,6 +7,7 @@ remembered so that an error names the file (or ``--set``) that supplied the bad 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import types
@@ -114,9 +115,12 @@ class RunConfig:
     persistent_root: str | None = _help("Folder that survives the VM (auto: Drive on Colab, "
                                         "/kaggle/working on Kaggle, none locally; none: off).",
                                         default="auto")
-    run_name: str | None = _help("Run folder name (None: from mode, model, dataset, subset, seed).",
-                                 default=None)
+    run_name: str | None = _help("Run folder name (None: from mode, model, dataset, subset, seed and a "
+                                 "fingerprint of the training settings).", default=None)
     resume: bool = _help("Continue from the newest complete checkpoint if there is one.", default=True)
+    resume_changed_config: bool = _help("Continue a run folder whose recorded training settings differ from "
+                                        "these (e.g. a larger max_steps under the same run_name); its "
+                                        "config.yaml then records the new settings.", default=False)
     num_processes: int = _help("Training processes (GPUs) for accelerate launch.", default=1)
     deepspeed: str | None = _help("none or zero3.", default=None)
     # --- sampling and Pass@k -------------------------------------------------------------
@@ -136,19 +140,46 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def resolved_run_name(self) -> str:
-        """The run folder name: keeps mode, model, dataset, subset size and seed apart."""
+        """The run folder name: mode, model, dataset, subset size, seed, then the fingerprint of every other
+        training setting (:func:`training_fingerprint`), so two different experiments never share a folder."""
         if self.run_name:
             return self.run_name
         model = Path(self.vlm_name).name if ("/" in self.vlm_name or Path(self.vlm_name).exists()) \
             else self.vlm_name
         subset = "all" if self.subset_size is None else str(self.subset_size)
-        return f"{self.mode}_{model}_{self.dataset_name}_n{subset}_s{self.seed}"
+        return f"{self.mode}_{model}_{self.dataset_name}_n{subset}_s{self.seed}_{training_fingerprint(self)}"
 
     def run_dir(self) -> Path:
         return Path(self.output_root) / self.resolved_run_name()
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+# Keys that do not change the trained weights: where data and runs live, how the run is executed (kernels,
+# memory savers, rollout engine, DeepSpeed sharding: same mathematics), logged, checkpointed and persisted,
+# and everything about sampling and Pass@k. Every other key is training-relevant, new keys included.
+NOT_TRAINING_KEYS = frozenset({
+    "data_dir", "full_determinism", "gradient_checkpointing", "verbose_rewards", "attn_implementation",
+    "rollout_engine", "deepspeed",
+    "logging_steps", "save_steps", "save_total_limit", "report_to",
+    "output_root", "persistent_root", "run_name", "resume", "resume_changed_config",
+    "eval_dataset", "eval_split", "eval_max_pixels", "n_samples", "max_problems", "sample_temperature",
+    "sample_top_p", "sample_max_new_tokens", "sample_chunk_size", "passk_ks", "bootstrap",
+})
+TRAINING_KEYS = tuple(name for name in FIELDS if name not in NOT_TRAINING_KEYS)
+
+
+def training_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The training-relevant keys of a configuration (everything that changes the trained weights)."""
+    return {name: getattr(cfg, name) for name in TRAINING_KEYS}
+
+
+def training_fingerprint(cfg: RunConfig) -> str:
+    """8 hex digits of the sha256 of the training-relevant keys whose values differ from the built-in
+    defaults (so adding a key with a default leaves existing fingerprints, and folder names, unchanged)."""
+    default = RunConfig()
+    changed = {k: v for k, v in training_settings(cfg).items() if v != getattr(default, k)}
+    return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def field_help(name: str) -> str:
@@ -393,13 +424,15 @@ def passk_ks(cfg: RunConfig) -> list[int]:
     return ks if ks[-1] == cfg.n_samples else ks + [cfg.n_samples]
 
 
-def save_resolved_config(cfg: RunConfig, folder: str | Path, name: str = "config.yaml") -> Path:
-    """Write the resolved configuration (and each key's source) next to a run's outputs, atomically."""
+def save_resolved_config(cfg: RunConfig, folder: str | Path, name: str = "config.yaml",
+                         extra: dict[str, Any] | None = None) -> Path:
+    """Write the resolved configuration (and each key's source, and ``extra`` sections first) next to a
+    run's outputs, atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     tmp = path.with_suffix(path.suffix + ".tmp")
-    body = {"config": cfg.to_dict(), "sources": getattr(cfg, "_sources", {})}
+    body = {**(extra or {}), "config": cfg.to_dict(), "sources": getattr(cfg, "_sources", {})}
     tmp.write_text(yaml.safe_dump(body, sort_keys=False))
     tmp.replace(path)
     return path

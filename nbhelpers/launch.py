@@ -99,6 +99,9 @@ def _stop(process: subprocess.Popen) -> None:
 def launch_training(cfg: RunConfig, run: Callable[..., int] = run_streaming) -> Path:
     """Train ``cfg`` with ``accelerate launch`` over ``cfg.num_processes`` processes; returns the run
     folder. Raises LaunchError when the launch fails (the log stays in the run folder)."""
+    from .trainer import check_run_identity
+
+    check_run_identity(cfg)  # a refused run writes nothing into an earlier run's folder
     run_dir = cfg.run_dir()
     params = write_launch_params(cfg, run_dir)
     command = launch_command(params, cfg.num_processes, cfg.deepspeed)

@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Mapping
 
 LAUNCH_CONFIG_DIR = Path(__file__).resolve().parent / "launch_configs"
-PERSISTENT_ROOTS = {"colab": "/content/drive/MyDrive/chartrl", "kaggle": "/kaggle/working/chartrl", "local": None}
+# Kaggle: the store is a folder of its own in /kaggle/working (kept by Save Version and by the Files
+# persistence setting), apart from the code clone /kaggle/working/chartrl; the platform file puts the local
+# run folders in /kaggle/temp, which counts against no output quota and is not kept.
+PERSISTENT_ROOTS = {"colab": "/content/drive/MyDrive/chartrl", "kaggle": "/kaggle/working/chartrl-runs",
+                    "local": None}
 PLATFORM_FILES = {"colab": "colab-a100", "kaggle": "kaggle-2xt4", "local": "local-cpu"}
 
 

@@ -169,17 +169,21 @@ def _progress(desc: str, total: int | None = None, iterable=None):
 def sample_to_file(cfg: RunConfig, out: str | Path, checkpoint: str | None = None, method: str | None = None,
                    examples: Iterable[dict] | None = None, model=None, processor=None) -> Path:
     """Draw ``cfg.n_samples`` completions per problem of ``cfg.eval_dataset`` into ``out`` (resumable)."""
-    from . import data
+    from . import data, provenance
     from .rewards import is_correct
 
     out = Path(out)
+    requested = provenance.samples_provenance(cfg, checkpoint)
+    resuming = provenance.check_samples_file(out, requested)  # refuses another provenance before any work
     if examples is None:
         examples = data.load_examples(cfg.eval_dataset, split=cfg.eval_split, data_dir=cfg.data_dir,
                                       subset_size=cfg.max_problems, seed=cfg.seed)
     examples = list(examples) if not hasattr(examples, "__len__") else examples
     if model is None or processor is None:
         model, processor = load_for_sampling(cfg, checkpoint, cfg.eval_max_pixels)
-    save_resolved_config(cfg, out.parent, name=out.stem + ".config.yaml")
+    if not resuming:
+        save_resolved_config(cfg, out.parent, name=provenance.samples_record_path(out).name,
+                             extra={"provenance": requested})
     tokenizer = processor.tokenizer
     eos = _eos_ids(model, tokenizer)
     meta_base = {"method": method or cfg.mode, "model": cfg.vlm_name, "checkpoint": checkpoint,

@@ -7,7 +7,10 @@ listed size (and sha256 when asked). A persistent store folder (Google Drive on 
 ``/kaggle/working`` on Kaggle) receives copies made in a background thread: each copy is built in a
 hidden ``.partial-checkpoint-<step>-<random>/`` folder, gets its manifest last, and is then renamed
 to ``checkpoint-<step>``, so a process killed at any moment never leaves a folder that
-:func:`is_complete_checkpoint` accepts but that is not complete.
+:func:`is_complete_checkpoint` accepts but that is not complete. The run's ``final/`` model gets a
+manifest too (its step is the run's last) and is copied the same way. :meth:`CheckpointSync.catch_up`,
+called when training starts and when it ends, copies every complete local folder the store lacks and
+removes stale partial folders, so a copy cut short by a kill is finished by the next session.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ MANIFEST_NAME = "chartrl-manifest.json"
 MANIFEST_FORMAT = "chartrl-checkpoint-manifest"
 MANIFEST_VERSION = 1
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+FINAL_NAME = "final"
 PARTIAL_PREFIX = ".partial-"
 _MANIFEST_TEMP_PREFIX = "." + MANIFEST_NAME
 _CHUNK_BYTES = 16 * 1024 * 1024
@@ -61,15 +65,16 @@ def checkpoint_step(checkpoint_dir: str | os.PathLike) -> int:
     return int(match.group(1))
 
 
-def write_manifest(checkpoint_dir: str | os.PathLike) -> Path:
+def write_manifest(checkpoint_dir: str | os.PathLike, step: int | None = None) -> Path:
     """Write ``chartrl-manifest.json`` listing every file of the checkpoint (path, bytes, sha256) and the step.
 
     Every listed file is fsynced, then the manifest is written to a temporary file, fsynced and moved
-    into place with ``os.replace``: it appears last and whole. Returns the manifest path.
-    Raises ValueError for a folder not named ``checkpoint-<step>`` and FileNotFoundError for a missing one.
+    into place with ``os.replace``: it appears last and whole. Returns the manifest path. ``step`` is
+    needed for a folder not named ``checkpoint-<step>`` (``final/``, or its temporary folder).
+    Raises ValueError for such a folder without ``step`` and FileNotFoundError for a missing one.
     """
     folder = Path(checkpoint_dir)
-    step = checkpoint_step(folder)
+    step = checkpoint_step(folder) if step is None else step
     if not folder.is_dir():
         raise FileNotFoundError(errno.ENOENT, "checkpoint folder does not exist", str(folder))
     relative_paths = sorted(
@@ -197,6 +202,20 @@ def restore_newest(store_dir: str | os.PathLike, run_dir: str | os.PathLike) -> 
     return local
 
 
+def missing_from_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike) -> list[Path]:
+    """The complete local ``checkpoint-<step>`` folders (oldest first) and ``final/`` that the store holds
+    not at all, incomplete, or with other content (by manifest)."""
+    run_path, store_path = Path(run_dir), Path(store_dir)
+    local = [folder for _, folder in reversed(list(_complete_checkpoints_newest_first(run_path, warn=False)))]
+    if checkpoint_problem(run_path / FINAL_NAME) is None:
+        local.append(run_path / FINAL_NAME)
+    return [folder for folder in local if not _same_in_store(folder, store_path / folder.name)]
+
+
+def _same_in_store(local: Path, stored: Path) -> bool:
+    return checkpoint_problem(stored) is None and read_manifest(stored)["files"] == read_manifest(local)["files"]
+
+
 # ----------------------------------------------------------------------------- background sync
 
 
@@ -258,6 +277,18 @@ class CheckpointSync:
             if drained:
                 self._thread.join()
         return drained
+
+    def catch_up(self, run_dir: str | os.PathLike) -> list[Path]:
+        """Queue every complete local folder (``checkpoint-<step>`` oldest first, then ``final/``) that the
+        store lacks or holds with other content, after removing the store's stale partial folders; returns
+        the queued folders. Called at the start of training and at its end, so a copy interrupted by a kill
+        (or a run finished from its last checkpoint) still reaches the store."""
+        if self.store_dir.is_dir():
+            _remove_stale_partials(self.store_dir)
+        missing = missing_from_store(run_dir, self.store_dir)
+        for folder in missing:
+            self.submit(folder)
+        return missing
 
     def __enter__(self) -> CheckpointSync:
         return self
@@ -437,7 +468,7 @@ def _complete_checkpoints_newest_first(folder: Path, warn: bool) -> Iterator[tup
 
 
 def _copy_checkpoint_atomically(source: Path, destination_root: Path) -> Path:
-    """Copy a complete checkpoint into ``destination_root/checkpoint-<step>`` through a partial folder.
+    """Copy a complete checkpoint (or ``final/``) into ``destination_root/<its name>`` through a partial folder.
 
     Skips the copy when an identical complete checkpoint is already there; replaces an incomplete or
     different one. Every file's size and sha256 must match the source manifest.
@@ -446,7 +477,7 @@ def _copy_checkpoint_atomically(source: Path, destination_root: Path) -> Path:
     problem = checkpoint_problem(source, verify_checksums=False)
     if problem is not None:
         raise ManifestError(f"{source}: source checkpoint is incomplete: {problem}")
-    target = destination_root / f"checkpoint-{manifest['step']}"
+    target = destination_root / source.name
     if checkpoint_problem(target) is None and read_manifest(target)["files"] == manifest["files"]:
         logger.info("%s already holds an identical copy of %s", target, source)
         return target

@@ -12,7 +12,8 @@
 * ``create_optimizer`` makes a step in which no sample is kept skip the optimizer (no update, no NaN;
   logged as ``mode/empty_step``);
 * ``_generate_single_turn`` hands rollouts to the fast engine (:mod:`nbhelpers.rollout`) where it runs;
-* ``log`` adds the process's peak GPU memory.
+* ``log`` adds the process's peak GPU memory;
+* ``create_model_card`` writes the run's own card (:mod:`nbhelpers.model_card`).
 
 ``mode: grpo`` runs TRL's GRPO unchanged.
 """
@@ -151,6 +152,17 @@ class ChartRLTrainer(GRPOTrainer):
         optimizer.step = step_unless_empty
         optimizer._chartrl_skippable = True
         return optimizer
+
+    # -- model card -----------------------------------------------------------------------------
+    run_config: RunConfig | None = None  # set by build_trainer; the model card describes this run
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
+        """The run's own card (mode, base model, settings) in place of TRL's, which says GRPO for every mode
+        and links any base model, local or offline, to a Hub page."""
+        if self.run_config is None:
+            return super().create_model_card(model_name, dataset_name, tags)
+        if self.is_world_process_zero():
+            write_model_card(self.run_config, Path(self.args.output_dir))
 
     # -- logging ------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -326,6 +338,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list |
         processing_class=processor, peft_config=peft_config, callbacks=all_callbacks,
         mode=cfg.mode, lambda_psr=cfg.lambda_psr, reward_threshold=cfg.reward_threshold,
         correctness_from=cfg.correctness_from, rollout_engine=cfg.rollout_engine)
+    trainer.run_config = cfg
     return trainer
 
 
@@ -360,27 +373,66 @@ RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_s
                      "chartrl-manifest.json", "scaler.pt")
 
 
-def checkpoint_finished(checkpoint: Path) -> bool:
-    """True when a checkpoint was saved at its run's last step (HF would train one step too many on resume)."""
+def checkpoint_finished(checkpoint: Path, requested_max_steps: int = -1) -> bool:
+    """True when a checkpoint was saved at its run's last step (HF would train one step too many on resume)
+    and ``requested_max_steps`` (-1: the run's own) asks for no more."""
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return state.get("max_steps", 0) > 0 and state["global_step"] >= state["max_steps"]
+    last = max(state.get("max_steps", 0), requested_max_steps)
+    return last > 0 and state["global_step"] >= last
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by the finished folder ``tmp`` (a crash leaves the checkpoint to rebuild it from)."""
+def _publish(tmp: Path, final: Path, step: int) -> None:
+    """Give the finished folder ``tmp`` its manifest (so it can be synced and checked) and put it in place of
+    ``final`` (a crash leaves the checkpoint to rebuild it from)."""
+    from .sync import write_manifest
+
+    write_manifest(tmp, step=step)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
 
 
-def finalize_from_checkpoint(checkpoint: Path, run_dir: Path) -> Path:
+def finalize_from_checkpoint(checkpoint: Path, run_dir: Path, cfg: RunConfig) -> Path:
     """final/ and trainer_state.json of a run whose last checkpoint is complete but whose final save was lost."""
+    from .sync import checkpoint_step
+
     tmp = run_dir / "final.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns(*RESUME_ONLY_FILES, "global_step*"))
+    write_model_card(cfg, tmp)
     shutil.copy2(checkpoint / "trainer_state.json", run_dir / "trainer_state.json")
-    _publish(tmp, run_dir / "final")
+    _publish(tmp, run_dir / "final", checkpoint_step(checkpoint))
     return run_dir / "final"
+
+
+def write_model_card(cfg: RunConfig, folder: Path) -> Path:
+    """``folder/README.md``: the run's own model card (:func:`nbhelpers.model_card.model_card`)."""
+    from .model_card import model_card
+
+    path = Path(folder) / "README.md"
+    path.write_text(model_card(cfg), encoding="utf-8")
+    return path
+
+
+def record_config(cfg: RunConfig, run_dir: Path, store: Path | None) -> None:
+    """Write the run's config.yaml into the run folder and its persistent-store folder (a store that cannot be
+    written is reported, not fatal: checkpoints are still trained and kept locally)."""
+    save_resolved_config(cfg, run_dir)
+    if store is not None:
+        try:
+            save_resolved_config(cfg, store)
+        except OSError as error:
+            log.warning("could not write config.yaml into the persistent store %s: %s", store, error)
+
+
+def recorded_config(run_dir: Path, fallback: RunConfig) -> RunConfig:
+    """The configuration in the run folder's config.yaml (what its model was trained with), else ``fallback``."""
+    from .config import load_resolved_config
+
+    try:
+        return load_resolved_config(run_dir / "config.yaml")
+    except ConfigError:
+        return fallback
 
 
 def _write_summary(run_dir: Path) -> None:
@@ -391,16 +443,31 @@ def _write_summary(run_dir: Path) -> None:
     monitor.write_summary(summary, run_dir)
 
 
+def check_run_identity(cfg: RunConfig) -> None:
+    """Refuse (ProvenanceError, one line) when the run folder, or its persistent-store folder, holds a model
+    trained with other training-relevant settings; nothing is read or written beyond the two config.yaml."""
+    from .provenance import check_run_folder
+
+    check_run_folder(cfg, cfg.run_dir())
+    store = persistent_store(cfg)
+    if store is not None:
+        check_run_folder(cfg, store, where="persistent store folder")
+
+
 def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
-    """Train (resuming from the newest complete checkpoint), save the final adapter/model; return the run folder."""
+    """Train (resuming from the newest complete checkpoint), save the final adapter/model; return the run folder.
+
+    No file an earlier run wrote is changed before the run's identity is checked and model and data are
+    loaded (only a checkpoint restored from the store is added), so a refused or failed start leaves them as
+    they were. With a persistent store, every complete local
+    checkpoint and final/ the store lacks is copied at the start and at the end."""
     from accelerate import PartialState
 
     from .sync import CheckpointSync, CheckpointSyncCallback, find_resume_checkpoint, restore_newest
 
     check_environment(cfg)
+    check_run_identity(cfg)
     run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved_config(cfg, run_dir)
     store = persistent_store(cfg)
     resume_from = None
     state = PartialState()
@@ -409,22 +476,31 @@ def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
             if store is not None and store.is_dir() and state.is_main_process:
                 restore_newest(store, run_dir)
         resume_from = find_resume_checkpoint(run_dir)
-    if resume_from is not None and checkpoint_finished(resume_from):
-        if state.is_main_process:
-            print(f"Run already trained to its last step ({resume_from.name}); writing final/ from it", flush=True)
-            finalize_from_checkpoint(resume_from, run_dir)
-            _write_summary(run_dir)
-        state.wait_for_everyone()
-        return run_dir
     sync = CheckpointSync(store, keep_last=cfg.save_total_limit) if store is not None else None
-    trainer = build_trainer(cfg, run_dir=run_dir, callbacks=[CheckpointSyncCallback(sync)], **build_kwargs)
-    problems = len(trainer.train_dataset)
-    estimate = estimate_training_steps(cfg, problems, trainer.accelerator.num_processes)
-    if trainer.accelerator.is_main_process:
-        print(f"Run folder: {run_dir}\nEstimate: {estimate}", flush=True)
-        print(f"Resuming from {resume_from}" if resume_from else "Starting fresh (no complete checkpoint)",
-              flush=True)
     try:
+        if resume_from is not None and checkpoint_finished(resume_from, cfg.max_steps):
+            if state.is_main_process:
+                print(f"Run already trained to its last step ({resume_from.name}); writing final/ from it",
+                      flush=True)
+                if not (run_dir / "config.yaml").is_file():  # restored from the store on a new machine
+                    record_config(cfg, run_dir, store)
+                finalize_from_checkpoint(resume_from, run_dir, recorded_config(run_dir, cfg))
+                _write_summary(run_dir)
+                if sync is not None:
+                    sync.catch_up(run_dir)
+            state.wait_for_everyone()
+            return run_dir
+        trainer = build_trainer(cfg, run_dir=run_dir, callbacks=[CheckpointSyncCallback(sync)], **build_kwargs)
+        problems = len(trainer.train_dataset)
+        estimate = estimate_training_steps(cfg, problems, trainer.accelerator.num_processes)
+        if trainer.accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            record_config(cfg, run_dir, store)
+            if sync is not None:
+                sync.catch_up(run_dir)  # copies an earlier session left unfinished (killed mid-copy)
+            print(f"Run folder: {run_dir}\nEstimate: {estimate}", flush=True)
+            print(f"Resuming from {resume_from}" if resume_from else "Starting fresh (no complete checkpoint)",
+                  flush=True)
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if torch.cuda.is_available():
             print(f"process {trainer.accelerator.process_index}: peak GPU memory "
@@ -433,9 +509,13 @@ def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
         trainer.save_model(str(tmp))
         if trainer.accelerator.is_main_process:
             trainer.processing_class.save_pretrained(str(tmp))
-            _publish(tmp, run_dir / "final")
+            write_model_card(cfg, tmp)
+            _publish(tmp, run_dir / "final", trainer.state.global_step)
             trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
             _write_summary(run_dir)
+            if sync is not None:
+                sync.wait()  # the last checkpoint's copy first, then whatever the store still lacks
+                sync.catch_up(run_dir)
     finally:
         if sync is not None:
             sync.wait()
@@ -443,5 +523,5 @@ def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
     return run_dir
 
 
-__all__ = ["ChartRLTrainer", "EtaCallback", "build_trainer", "grpo_config", "train", "persistent_store",
-           "SEQUENCE_AVERAGED_LOSSES"]
+__all__ = ["ChartRLTrainer", "EtaCallback", "build_trainer", "check_run_identity", "grpo_config", "train",
+           "persistent_store", "SEQUENCE_AVERAGED_LOSSES"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from datetime import datetime
@@ -37,6 +38,11 @@ def smoke_batch(tmp_path_factory):
     return result, folder
 
 
+def smoke_run_dir(folder: Path, mode: str) -> Path:
+    """The run folder the batch trains for ``mode`` (its name carries the training fingerprint)."""
+    return batch.check_configs("smoke", [mode], "local-cpu", {"output_root": str(folder / "runs")})[mode].run_dir()
+
+
 def _executed(folder: Path, name: str) -> nbformat.NotebookNode:
     return nbformat.read(folder / "notebooks" / f"{name}.ipynb", as_version=4)
 
@@ -61,7 +67,7 @@ def test_mode_was_trained_through_the_notebook(smoke_batch, mode):
     assert notebook.metadata.kernelspec.name == batch.KERNEL_NAME
     assert not [o for c in notebook.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert nbtools.image_outputs(notebook) >= 1  # the training curves
-    run = folder / "runs" / f"{mode}_tiny-random_synthetic_n8_s42"
+    run = smoke_run_dir(folder, mode)
     assert yaml.safe_load((run / "config.yaml").read_text())["config"]["mode"] == mode
     assert (run / "final" / "adapter_config.json").is_file()
     assert (run / "training_curves.png").stat().st_size > 0
@@ -76,8 +82,7 @@ def test_mode_was_sampled_from_its_trained_model(smoke_batch, mode):
     assert len(records) == SMOKE_PROBLEMS
     assert all(len(r["completions"]) == len(r["correct"]) == SMOKE_SAMPLES for r in records)
     assert {r["meta"]["method"] for r in records} == {mode}
-    assert {Path(r["meta"]["checkpoint"]).relative_to(folder / "runs").as_posix() for r in records} == \
-        {f"{mode}_tiny-random_synthetic_n8_s42/final"}
+    assert {Path(r["meta"]["checkpoint"]) for r in records} == {smoke_run_dir(folder, mode) / "final"}
     assert f"pass@{SMOKE_SAMPLES}" in nbtools.output_text(_executed(folder, f"20_generate_{mode}"))
 
 
@@ -173,3 +178,88 @@ def test_missing_kernel_says_how_to_install_it():
     with pytest.raises(batch.BatchError, match="ipykernel install --user"):
         batch.check_kernel("no-such-kernel-xyz")
     batch.check_kernel()  # the fixed kernel of every batch exists
+
+
+# ------------------------------------------------------------------------------------------ rerunning some modes
+class SamplingExecutor(FakeExecutor):
+    """Also writes what the notebooks would: a samples line per sampled mode, and from 30_passk one results
+    file per label and figures that list the labels they compare."""
+
+    def __call__(self, notebook, output, parameters):
+        super().__call__(notebook, output, parameters)
+        if notebook == batch.GENERATE:
+            Path(parameters["samples_path"]).write_text(json.dumps({"mode": parameters["mode"]}) + "\n")
+        if notebook == batch.PASSK:
+            for name in ("passk_curves.png", "improvement.png", "bars.png"):
+                (Path(parameters["figures_dir"]) / name).write_text(" ".join(parameters["labels"]))
+            for label in parameters["labels"]:
+                (Path(parameters["results_dir"]) / f"{label}.json").write_text(label)
+
+
+def folder_digest(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_rerunning_one_mode_keeps_the_comparison_of_all(tmp_path):
+    folder = tmp_path / "b"
+    first = batch.run_batch("smoke", ["grpo", "psr", "nsr"], "local-cpu", folder,
+                            execute=SamplingExecutor(failing={(batch.GENERATE, "nsr")}))
+    assert first.exit_code == 1
+    assert (folder / "figures" / "improvement.png").read_text() == "grpo psr"
+    executor = SamplingExecutor()
+    again = batch.run_batch("smoke", ["nsr"], "local-cpu", folder, execute=executor)
+    assert [(n, p.get("mode")) for n, p in executor.calls] == [(batch.TRAIN, "nsr"), (batch.GENERATE, "nsr"),
+                                                              (batch.PASSK, None)]
+    passk_parameters = executor.calls[-1][1]
+    assert passk_parameters["labels"] == ["grpo", "psr", "nsr"]
+    assert passk_parameters["samples_files"] == [str(folder / "samples" / f"{m}.jsonl") for m in ("grpo", "psr", "nsr")]
+    for name in ("passk_curves.png", "improvement.png", "bars.png"):
+        assert (folder / "figures" / name).read_text() == "grpo psr nsr", name
+    assert sorted(p.name for p in (folder / "results").iterdir()) == ["grpo.json", "nsr.json", "psr.json"]
+    saved = json.loads((folder / "batch.json").read_text())
+    assert saved["modes"] == ["grpo", "psr", "nsr"] and again.exit_code == 0
+    assert [(s["notebook"], s["mode"], s["status"]) for s in saved["steps"]] == \
+        [(n, m, "ok") for m in ("grpo", "psr", "nsr") for n in (batch.TRAIN, batch.GENERATE)] + \
+        [(batch.PASSK, None, "ok")]
+    assert not list(folder.glob(".*-new"))
+
+
+def test_a_rerun_mode_that_fails_again_is_left_out_of_the_comparison(tmp_path):
+    folder = tmp_path / "b"
+    batch.run_batch("smoke", ["grpo", "nsr"], "local-cpu", folder, execute=SamplingExecutor())
+    executor = SamplingExecutor(failing={(batch.GENERATE, "nsr")})
+    report = batch.run_batch("smoke", ["nsr"], "local-cpu", folder, execute=executor)
+    assert executor.calls[-1][1]["labels"] == ["grpo"]  # nsr's file may hold a partial new sampling
+    assert report.exit_code == 1
+
+
+def test_a_failed_comparison_keeps_the_old_figures_and_results(tmp_path):
+    folder = tmp_path / "b"
+    batch.run_batch("smoke", ["grpo", "nsr"], "local-cpu", folder, execute=SamplingExecutor())
+    before = {name: folder_digest(folder / name) for name in ("figures", "results")}
+    report = batch.run_batch("smoke", ["nsr"], "local-cpu", folder,
+                             execute=SamplingExecutor(failing={(batch.PASSK, None)}))
+    assert report.exit_code == 1
+    assert {name: folder_digest(folder / name) for name in ("figures", "results")} == before
+    assert not list(folder.glob(".*-new"))
+
+
+@pytest.mark.parametrize("preset,platform,overrides,named", [
+    ("poc", "local-cpu", {}, "preset 'smoke' -> 'poc'"),
+    ("smoke", "colab-a100", {}, "platform 'local-cpu' -> 'colab-a100'"),
+    ("smoke", "local-cpu", {"seed": 3}, "overrides {} -> {'seed': 3}"),
+])
+def test_rerun_with_other_settings_is_refused_and_changes_nothing(tmp_path, capsys, preset, platform, overrides,
+                                                                  named):
+    folder = tmp_path / "b"
+    batch.run_batch("smoke", ["grpo", "nsr"], "local-cpu", folder, execute=SamplingExecutor())
+    before = folder_digest(folder)
+    executor = SamplingExecutor()
+    with pytest.raises(batch.BatchError, match=re.escape(named)):
+        batch.run_batch(preset, ["nsr"], platform, folder, overrides=overrides, execute=executor)
+    assert executor.calls == [] and folder_digest(folder) == before
+    args = ["batch", "--preset", preset, "--modes", "nsr", "--platform", platform, "--out", str(folder)]
+    assert cli.main(args + [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err and "Traceback" not in err
+    assert folder_digest(folder) == before

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -23,7 +25,7 @@ def test_platform_detection(env, colab, expected):
 
 PLATFORMS = [  # name, gpus, dtype, store, recommended
     ("colab", [A100], "bf16", "/content/drive/MyDrive/chartrl", "colab-a100"),
-    ("kaggle", [T4, T4], "fp16", "/kaggle/working/chartrl", "kaggle-2xt4"),
+    ("kaggle", [T4, T4], "fp16", "/kaggle/working/chartrl-runs", "kaggle-2xt4"),
     ("local", [], "fp32", None, "local-cpu"),
 ]
 
@@ -33,6 +35,27 @@ def test_platform_facts(name, gpus, dtype, store, recommended):
     info = PlatformInfo(name, gpus)
     assert (info.dtype, info.persistent_root, info.recommended_platform_file) == (dtype, store, recommended)
     assert name in info.report()
+
+
+def test_kaggle_keeps_store_run_folders_and_code_clone_apart(monkeypatch):
+    """On Kaggle the notebooks clone the code into /kaggle/working/<clone>; the store must be a folder of its
+    own (not inside the clone, the clone not inside it) and the local run folders outside /kaggle/working,
+    so no checkpoint lands in the repository tree or counts twice against the output quota."""
+    import re
+
+    import nbtools
+    from nbhelpers.config import load_config, resolve_parameter_file
+    from nbhelpers.trainer import persistent_store
+
+    get_code = next(c.source for c in nbtools.read_notebook("10_train").cells if "git clone" in c.source)
+    clone = Path("/kaggle/working") / re.search(r"%cd (\S+)", get_code).group(1)
+    monkeypatch.setenv("KAGGLE_KERNEL_RUN_TYPE", "Interactive")
+    cfg = load_config([resolve_parameter_file(f) for f in ("nsr", "poc", "kaggle-2xt4")])
+    store = persistent_store(cfg)
+    working = Path("/kaggle/working")
+    assert store.is_relative_to(working) and not store.is_relative_to(clone) and not clone.is_relative_to(store.parent)
+    run_dir = clone / cfg.run_dir()  # relative run folders live in the working folder, the clone
+    assert not run_dir.is_relative_to(working)
 
 
 def test_detect_platform_with_faked_environment():

@@ -168,3 +168,111 @@ def test_samples_use_exact_match_where_the_example_asks(tmp_path, monkeypatch):
                                   model=torch.nn.Linear(1, 1), processor=processor)
     verdicts = {r["id"]: r["correct"] for r in map(json.loads, out.read_text().splitlines())}
     assert verdicts == {str(examples[0]["id"]): [False, False], str(examples[1]["id"]): [True, True]}
+
+
+# ------------------------------------------------------------------------------------------ provenance
+PROVENANCE_CHANGES = [  # configuration override or checkpoint, the provenance field it changes
+    ({"vlm_name": "qwen2-5-3b"}, "model"), ({"seed": 7}, "seed"), ({"n_samples": 16}, "n"),
+    ({"sample_temperature": 1.0}, "temperature"), ({"sample_top_p": 0.5}, "top_p"),
+    ({"sample_max_new_tokens": 12}, "max_new_tokens"), ({"eval_dataset": "chartqa"}, "dataset"),
+    ({"eval_split": "train"}, "split"), ({"eval_max_pixels": 6272}, "max_pixels"),
+    ({"reward_threshold": 0.9}, "reward_threshold"), ({"checkpoint": "runs/other/final"}, "checkpoint"),
+]
+
+
+def test_every_provenance_field_is_covered_by_a_case():
+    from nbhelpers.provenance import SAMPLES_PROVENANCE_FIELDS
+
+    assert sorted(field for _, field in PROVENANCE_CHANGES) == sorted(SAMPLES_PROVENANCE_FIELDS)
+
+
+@pytest.mark.parametrize("change,field", PROVENANCE_CHANGES)
+def test_provenance_differences_name_the_changed_field(change, field):
+    from nbhelpers.provenance import differing_fields, samples_provenance, SAMPLES_PROVENANCE_FIELDS
+
+    change = dict(change)
+    checkpoint = change.pop("checkpoint", None)
+    recorded = samples_provenance(smoke(), None)
+    requested = samples_provenance(smoke(**change), checkpoint)
+    assert list(differing_fields(recorded, requested, SAMPLES_PROVENANCE_FIELDS)) == [field]
+    assert differing_fields(recorded, samples_provenance(smoke(max_problems=2, sample_chunk_size=2), None),
+                            SAMPLES_PROVENANCE_FIELDS) == {}  # neither says where the samples come from
+
+
+def test_relative_and_absolute_checkpoint_paths_are_the_same_provenance(tmp_path, monkeypatch):
+    from nbhelpers.provenance import samples_provenance
+
+    monkeypatch.chdir(tmp_path)
+    assert samples_provenance(smoke(), "runs/x/final") == samples_provenance(smoke(), str(tmp_path / "runs/x/final"))
+
+
+def file_bytes(*paths):
+    return [p.read_bytes() if p.exists() else None for p in paths]
+
+
+def sample_args(out):
+    return ["sample", "--params", "smoke", "--params", "local-cpu", "--out", str(out), "--set", "max_problems=1",
+            "--set", "n_samples=2"]
+
+
+@pytest.fixture(scope="module")
+def sampled(tmp_path_factory):
+    """A samples file (one problem, two samples, from tiny-random) and its provenance record."""
+    from nbhelpers import cli
+    from nbhelpers.provenance import samples_record_path
+
+    out = tmp_path_factory.mktemp("sampled") / "s.jsonl"
+    assert cli.main(sample_args(out)) == 0
+    return out, samples_record_path(out)
+
+
+def copy_sampled(sampled, folder):
+    import shutil
+
+    for path in sampled:
+        shutil.copy2(path, folder / path.name)
+    return folder / sampled[0].name, folder / sampled[1].name
+
+
+def test_the_same_request_resumes_and_changes_nothing(sampled, tmp_path):
+    from nbhelpers import cli
+
+    out, record = copy_sampled(sampled, tmp_path)
+    before = file_bytes(out, record)
+    assert cli.main(sample_args(out) + ["--set", "sample_chunk_size=1"]) == 0  # chunking is not provenance
+    assert file_bytes(out, record) == before  # the record still describes how the file was made
+
+
+@pytest.mark.parametrize("change,field", PROVENANCE_CHANGES)
+def test_sample_cli_refuses_another_provenance_and_changes_nothing(sampled, tmp_path, capsys, change, field):
+    """One line naming the field, exit code 2, the file and its record byte for byte as before."""
+    import re
+
+    from nbhelpers import cli
+
+    out, record = copy_sampled(sampled, tmp_path)
+    before = file_bytes(out, record)
+    change = dict(change)
+    extra = []
+    if "checkpoint" in change:  # an existing model folder, so only its provenance can refuse it
+        checkpoint = tmp_path / change.pop("checkpoint")
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "config.json").write_text("{}")
+        extra = ["--checkpoint", str(checkpoint)]
+    sets = [arg for key, value in change.items() for arg in ("--set", f"{key}={value}")]
+    capsys.readouterr()
+    assert cli.main(sample_args(out) + sets + extra) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(rf"[(,] ?{field} ", err) and str(out) in err
+    assert "another samples file" in err and "Traceback" not in err
+    assert file_bytes(out, record) == before
+
+
+def test_samples_without_a_provenance_record_are_not_resumed(tmp_path):
+    from nbhelpers.provenance import ProvenanceError, check_samples_file, samples_provenance
+
+    out = tmp_path / "s.jsonl"
+    assert check_samples_file(out, samples_provenance(smoke(), None)) is False  # nothing to resume
+    out.write_text(json.dumps(record(1)) + "\n")
+    with pytest.raises(ProvenanceError, match="no provenance record s.config.yaml"):
+        check_samples_file(out, samples_provenance(smoke(), None))

@@ -289,6 +289,80 @@ def test_copy_killed_midway_is_never_complete_and_resumes(tmp_path):
     assert partials(store) == [], "stale partial folders are removed"
 
 
+def make_final(run: Path, step: int, seed: int = 0) -> Path:
+    """A fake final/ model folder with its manifest (step: the run's last)."""
+    folder = run / "final"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_model.safetensors").write_bytes(random.Random(f"final-{seed}").randbytes(512))
+    write_manifest(folder, step=step)
+    return folder
+
+
+def test_catch_up_after_a_copy_killed_midway_finishes_the_store(tmp_path):
+    """The child is SIGKILLed halfway through copying checkpoint-40; a new session's catch_up (what train()
+    calls at its start) copies it, without being told which checkpoint, and removes the stale partial."""
+    run, store = tmp_path / "run", tmp_path / "store"
+    checkpoint = make_checkpoint(run, 40)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", _CHILD_SCRIPT, str(checkpoint), str(store)], env=env)
+    try:
+        deadline = time.monotonic() + 25
+        while not [p for folder in partials(store) for p in folder.rglob("*") if p.is_file()]:
+            assert child.poll() is None, "the child exited before it could be killed"
+            assert time.monotonic() < deadline, "the child never started copying"
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert partials(store) and not (store / "checkpoint-40").exists()
+
+    with CheckpointSync(store) as sync:
+        assert sync.catch_up(run) == [checkpoint]
+    assert sync.errors == [] and partials(store) == []
+    assert is_complete_checkpoint(store / "checkpoint-40", verify_checksums=True)
+
+
+CATCH_UP_CASES = [  # store state before, what catch_up copies, store checkpoints after (keep_last 2)
+    ("empty", ["checkpoint-1", "checkpoint-2", "checkpoint-3", "final"], [2, 3]),
+    ("has 1 and 2", ["checkpoint-3", "final"], [2, 3]),
+    ("has all but final", ["final"], [2, 3]),
+    ("has everything", [], [1, 2, 3]),  # nothing copied, so nothing pruned
+    ("incomplete 3", ["checkpoint-3", "final"], [2, 3]),
+    ("other final", ["final"], [2, 3]),
+]
+
+
+@pytest.mark.parametrize("case,copied,kept", CATCH_UP_CASES)
+def test_catch_up_copies_every_complete_local_folder_the_store_lacks(tmp_path, case, copied, kept):
+    run, store = tmp_path / "run", tmp_path / "store"
+    checkpoints = [make_checkpoint(run, step) for step in (1, 2, 3)]
+    make_checkpoint(run, 4, manifest=False)  # a save cut short: never copied
+    final = make_final(run, 3)
+    store.mkdir()
+    (store / ".partial-checkpoint-3-0badcafe").mkdir()  # left by a killed copy
+    if case != "empty":
+        for checkpoint in checkpoints[:{"has 1 and 2": 2, "incomplete 3": 2}.get(case, 3)]:
+            shutil.copytree(checkpoint, store / checkpoint.name)
+    if case in ("has everything", "other final"):
+        shutil.copytree(final, store / "final")
+    if case == "incomplete 3":
+        shutil.copytree(checkpoints[2], store / "checkpoint-3")
+        (store / "checkpoint-3" / "optimizer.pt").unlink()
+    if case == "other final":
+        shutil.rmtree(final)
+        make_final(run, 3, seed=1)
+
+    with CheckpointSync(store, keep_last=2) as sync:
+        assert [p.name for p in sync.catch_up(run)] == copied
+    assert sync.errors == [] and partials(store) == []
+    assert store_steps(store) == kept and not (store / "checkpoint-4").exists()
+    assert is_complete_checkpoint(store / "final", verify_checksums=True)
+    assert same_tree(store / "final", run / "final")
+    for step in kept:
+        assert same_tree(store / f"checkpoint-{step}", run / f"checkpoint-{step}")
+
+
 # ----------------------------------------------------------------------------- restore
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from nbhelpers.config import load_config, resolve_parameter_file
 from nbhelpers.monitor import read_run
-from nbhelpers.sync import find_resume_checkpoint, is_complete_checkpoint
+from nbhelpers.sync import checkpoint_problem, find_resume_checkpoint, is_complete_checkpoint
 from nbhelpers.trainer import train
 
 pytestmark = pytest.mark.slow
@@ -57,6 +57,9 @@ def test_each_mode_trains_and_writes_logs_and_checkpoints(trained_runs, mode):
     assert (run / "final" / "adapter_model.safetensors").is_file()
     summary = (run / "summary.txt").read_text()
     assert run.name in summary and "steps" in summary.lower()
+    for card in (run / "README.md", run / "final" / "README.md"):  # ours, not TRL's "trained with GRPO"
+        text = card.read_text()
+        assert f"**{mode}** objective" in text and "huggingface.co" not in text, card
 
 
 def test_psr_with_no_correct_sample_is_a_logged_no_op(trained_runs):
@@ -171,3 +174,70 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
     stored = sorted(p.name for p in (store / run.name).glob("checkpoint-*"))
     assert stored and all(is_complete_checkpoint(store / run.name / s, True) for s in stored)
     assert f"checkpoint-{steps}" in stored
+
+
+# ------------------------------------------------------------------------------------------ the store completes
+_SLOW_STORE_TRAIN = """
+import sys, time
+import nbhelpers.sync as s
+original = s._copy_file
+def slow_copy(source, destination):  # store copies take long enough to be killed in the middle
+    result = original(source, destination)
+    time.sleep(0.4)
+    return result
+s._copy_file = slow_copy
+from nbhelpers import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("killed_copy", ["checkpoint-1", "checkpoint-2"])
+def test_store_ends_complete_after_a_kill_during_a_store_copy(tmp_path, killed_copy):
+    """SIGKILL while a checkpoint is copied into the store (the first one: the restart trains on; the last
+    one: the restart only writes final/), then the same command again: the store holds every checkpoint the
+    run folder holds, and final/, all complete, and no partial folder."""
+    root, store = tmp_path / "runs", tmp_path / "store"
+    args = train_command(root, store, 2)[3:]  # the arguments after `python -m nbhelpers`
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()), os.environ.get("PYTHONPATH")]))}
+
+    def copying():
+        return any(p.name.startswith(f".partial-{killed_copy}-") for p in store.glob("*/.partial-*"))
+
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_STORE_TRAIN, *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and not copying() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training ended before the copy could be killed"
+    (stored,) = store.iterdir()
+    assert list(stored.glob(".partial-*")) and not is_complete_checkpoint(stored / killed_copy)
+
+    again = run_to_completion([sys.executable, "-m", "nbhelpers", *args], tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    (run,) = root.iterdir()
+    local = sorted(p.name for p in run.glob("checkpoint-*")) + ["final"]
+    assert sorted(p.name for p in stored.iterdir() if p.is_dir()) == local
+    for name in local:
+        assert checkpoint_problem(stored / name, verify_checksums=True) is None, name
+    assert not list(stored.glob(".partial-*")) and (stored / "config.yaml").is_file()
+    a, b = (load_file(folder / "final" / "adapter_model.safetensors") for folder in (run, stored))
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_resume_changed_config_continues_a_run_to_a_larger_max_steps(tmp_path):
+    """The opt-in: the same run_name with max_steps 2 -> 3 trains one more step from the old checkpoint; without
+    the opt-in the same request is refused."""
+    from nbhelpers.provenance import ProvenanceError
+
+    first = train(smoke_config("nsr", tmp_path, run_name="grow"))
+    with pytest.raises(ProvenanceError, match="max_steps 2 -> 3"):
+        train(smoke_config("nsr", tmp_path, run_name="grow", max_steps=3))
+    grown = train(smoke_config("nsr", tmp_path, run_name="grow", max_steps=3, resume_changed_config=True))
+    assert grown == first
+    state = json.loads((grown / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
+    assert load_config(overrides=__import__("yaml").safe_load((grown / "config.yaml").read_text())["config"]
+                       ).max_steps == 3

@@ -1,0 +1,62 @@
+"""The model card (``README.md``) of a run folder and of its ``final/`` model.
+
+It names the run's real objective, its base model (a Hub link only for a Hub model; a local folder or
+an offline random model is named as such) and the training-relevant settings, so a card copied out of
+the run still says what the weights are.
+"""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from .config import RunConfig, training_fingerprint, training_settings
+
+MODE_DESCRIPTIONS = {
+    "grpo": "GRPO: every sample enters the loss with its group-normalised reward as advantage (TRL's GRPO loss)",
+    "psr": "PSR (positive sample reinforcement): only correct samples enter the loss, with advantage +1",
+    "nsr": "NSR (negative sample reinforcement): only incorrect samples enter the loss, with advantage -1",
+    "w-reinforce": "W-REINFORCE: correct samples with advantage +lambda_psr, incorrect ones with -1",
+}
+MODE_REFERENCES = {
+    "grpo": "Shao et al. 2024, DeepSeekMath (arXiv 2402.03300)",
+    "psr": "Zhu et al. 2025, The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning "
+           "(arXiv 2506.01347)",
+}
+MODE_REFERENCES["nsr"] = MODE_REFERENCES["w-reinforce"] = MODE_REFERENCES["psr"]
+
+
+def base_model_line(vlm_name: str) -> tuple[str | None, str]:
+    """(Hub id or None, a Markdown phrase naming the base model): a Hub link only for a Hub model."""
+    from .models import resolve_model
+
+    try:
+        kind, location = resolve_model(vlm_name)
+    except ValueError:
+        return None, f"`{vlm_name}`"
+    if kind == "hub":
+        return location, f"[{location}](https://huggingface.co/{location}) (`{vlm_name}`)"
+    if kind == "random":
+        return None, f"`{vlm_name}`, an offline model with random weights built by chartrl (not on the Hub)"
+    return None, f"the local model folder `{location}`"
+
+
+def model_card(cfg: RunConfig) -> str:
+    """The card's Markdown text, with Hub-style YAML metadata (base_model only for a Hub model)."""
+    hub_id, base = base_model_line(cfg.vlm_name)
+    adapter = f"LoRA adapter (r = {cfg.lora_r}, alpha = {cfg.lora_alpha})" if cfg.finetune == "lora" \
+        else "fully fine-tuned model"
+    metadata = {**({"base_model": hub_id} if hub_id else {}),
+                "library_name": "peft" if cfg.finetune == "lora" else "transformers",
+                "tags": ["chartrl", cfg.mode, cfg.finetune, "chart-question-answering"]}
+    problems = "all" if cfg.subset_size is None else str(cfg.subset_size)
+    settings = "\n".join(f"| `{key}` | `{json.dumps(value)}` |" for key, value in training_settings(cfg).items())
+    return (f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---\n\n"
+            f"# {cfg.resolved_run_name()}\n\n"
+            f"A {adapter} of {base}, trained by chartrl with the **{cfg.mode}** objective on the "
+            f"`{cfg.dataset_name}` training set ({problems} problems, seed {cfg.seed}).\n\n"
+            f"Objective: {MODE_DESCRIPTIONS[cfg.mode]}. Reference: {MODE_REFERENCES[cfg.mode]}.\n\n"
+            f"## Training settings\n\nEvery key that changes the trained weights (fingerprint "
+            f"`{training_fingerprint(cfg)}`); `config.yaml` in the run folder has the whole configuration.\n\n"
+            f"| key | value |\n|---|---|\n{settings}\n")
