@@ -290,7 +290,8 @@ def _seeded_gumbel(logits, temp, bias):
     """The seeded sampler, one sample key per row (problem seed 11, sample index = row), token index 0."""
     keys = torch.tensor([rollout.sample_key(11, s) for s in range(logits.shape[0])])
     scores = logits.float() / temp + bias
-    return rollout.seeded_gumbel_sample(scores, keys[:, 0], keys[:, 1], torch.zeros(len(keys), dtype=torch.long))
+    return rollout.seeded_gumbel_sample(scores, keys[:, 0], keys[:, 1], torch.zeros(len(keys), dtype=torch.long),
+                                        rollout.logits.column_keys(scores.shape[-1], "cpu"))
 
 
 @pytest.mark.parametrize("sampler", [_fused_gumbel, _seeded_gumbel])

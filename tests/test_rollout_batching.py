@@ -50,15 +50,16 @@ def greedy_stock(model, inputs, tokens):
 def test_hashed_uniforms_are_uniform_and_a_function_of_key_and_counter():
     keys = torch.tensor([rollout.sample_key(5, s) for s in range(64)])
     counter = torch.arange(64)
-    u = rollout.logits.hashed_uniform(keys[:, 0], keys[:, 1], counter, 1000)
+    columns = rollout.logits.column_keys(1000, "cpu")
+    u = rollout.logits.hashed_uniform(keys[:, 0], keys[:, 1], counter, columns)
     assert u.shape == (64, 1000) and float(u.min()) > 0 and float(u.max()) < 1
     bins = torch.histc(u.flatten(), bins=20, min=0, max=1)
     expected = u.numel() / 20
     chi2 = float(((bins - expected) ** 2 / expected).sum())
     assert float(torch.special.gammaincc(torch.tensor(19 / 2, dtype=torch.float64), torch.tensor(chi2 / 2))) > 1e-3
-    again = rollout.logits.hashed_uniform(keys[:, 0], keys[:, 1], counter, 1000)
+    again = rollout.logits.hashed_uniform(keys[:, 0], keys[:, 1], counter, columns)
     assert torch.equal(u, again)
-    shifted = rollout.logits.hashed_uniform(keys[:, 0], keys[:, 1], counter + 1, 1000)
+    shifted = rollout.logits.hashed_uniform(keys[:, 0], keys[:, 1], counter + 1, columns)
     assert float((u == shifted).float().mean()) < 0.01  # another token index draws other noise
     # neighbouring samples and seeds give uncorrelated noise
     assert abs(float(torch.corrcoef(torch.stack([u[0], u[1]]))[0, 1])) < 0.15
@@ -148,6 +149,17 @@ def test_bf16_merge_rounds_once_and_loses_only_sub_ulp_deltas():
     assert torch.allclose(merged_weight(weight, large, torch.bfloat16).float(), torch.full((4, 4), 1.03), atol=4e-3)
 
 
+@pytest.mark.parametrize("need_gb, free_gb, total_gb, fits", [
+    (5.5, 120.0, 140.0, True),  # 3B LoRA copies on an H200
+    (5.5, 7.0, 15.0, False),  # the same on a T4-sized budget during training: adapters instead
+    (3.6, 8.0, 15.0, True),  # 3B bare fused q/k/v and gate/up copies beside a 7 GB model on 15 GB
+    (3.6, 8.0, 14.0, False),  # over a quarter of the device
+    (1.0, 1.9, 80.0, False),  # over half of what is free
+])
+def test_fused_copies_fit_table(need_gb, free_gb, total_gb, fits):
+    assert rollout.weights.fused_copies_fit(int(need_gb * 1e9), int(free_gb * 1e9), int(total_gb * 1e9)) is fits
+
+
 def test_dora_adapters_use_the_modules(caplog):
     from peft import LoraConfig, get_peft_model
 
@@ -174,6 +186,19 @@ def test_greedy_batch_of_prompts_equals_stock_per_prompt_with_lora(tiny_processo
     for (inputs, n), completions in zip(prompts, got):
         assert completions == [greedy_stock(model, inputs, 20)] * n
     assert all(torch.equal(p, s) for p, s in zip(model.parameters(), snapshot))  # rollouts change no weight
+
+
+def test_engine_follows_in_place_adapter_updates_between_runs(tiny_processor):
+    model = lora_model()
+    inputs = prompt_inputs(tiny_processor, 3)
+    engine = RolloutEngine(model, [TINY_EOS], TINY_PAD, 12, temperature=0.0, min_new_tokens=12)
+    before = engine.generate(inputs, 1)[0]
+    with torch.no_grad():  # an optimizer step on the adapters, in place
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(-1.5)
+    after = engine.generate(inputs, 1)[0]
+    assert after == greedy_stock(model, inputs, 12) and after != before
 
 
 def test_greedy_rows_reuse_freed_slots_and_still_equal_stock(tiny_model, tiny_processor):

@@ -40,7 +40,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from . import kernels
-from .logits import (draw_tokens, gumbel_max_sample, make_warpers, process_logits, sample_key,
+from .logits import (column_keys, draw_tokens, gumbel_max_sample, make_warpers, process_logits, sample_key,
                      seeded_gumbel_sample, seeded_temperature_sample, truncate_at_eos)
 from .notices import FALLBACK_ENV, forced_fallback, log, warn_once
 from .weights import DecodeWeights, choose_mode, memory_budget
@@ -50,6 +50,8 @@ LENGTH_BUCKET = 64  # completion-KV slots per CUDA graph bucket (PyTorch attenti
 PREFIX_BUCKET = 128  # prompt-KV regions are allocated in multiples of this
 REFILL_INTERVAL = 8  # decode steps between host checks for finished rows
 MAX_REGIONS = 16  # prompts resident at once in a stream
+
+_compiled: dict[Any, Any] = {}  # function -> its torch.compile wrapper, or the function itself once compiling failed
 
 
 # ------------------------------------------------------------------------------------------ availability
@@ -243,7 +245,7 @@ class RolloutEngine:
         self.fast_kernels = want_fast
         # temperature-only sampling uses the fused one-pass samplers (top-k/top-p keep HF's warpers)
         self._temperature_only = not self.greedy and not top_k and top_p >= 1.0
-        self._compiled: dict[str, Any] = {}
+        self._columns = column_keys(self.vocab, self.device)  # per-token keys of the seeded noise
         self.max_rows = max_rows
         self._weights_request = weights
         self._weights: DecodeWeights | None = None
@@ -303,7 +305,8 @@ class RolloutEngine:
         self.last_stats = stats
         with self._context():
             self._sync_weights()
-            regions = regions or min(MAX_REGIONS, 2 + math.ceil((rows or first.n) / first.n))
+            # spare regions let the next prompts start while the last samples of earlier ones finish
+            regions = regions or min(MAX_REGIONS, 4 + 2 * math.ceil((rows or first.n) / first.n))
             rows = self._rows_that_fit(rows or first.n, max(prompt_len, region_cap or 0), regions)
             state = self._prepare_state(rows, regions, max(prompt_len, region_cap or 0))
             run = self._new_run(state, requests, generator)
@@ -502,7 +505,7 @@ class RolloutEngine:
         if request.seed is not None:
             keys = torch.tensor([sample_key(request.seed, s) for s in range(n)], dtype=torch.long, device=self.device)
             zero = torch.zeros(n, dtype=torch.long, device=self.device)
-            return seeded_gumbel_sample(scores.expand(n, -1), keys[:, 0], keys[:, 1], zero)
+            return seeded_gumbel_sample(scores.expand(n, -1), keys[:, 0], keys[:, 1], zero, self._columns)
         return draw_tokens(scores, n, False, generator)
 
     def _decode_step(self, run: _Run, busy: list[int]) -> None:
@@ -531,26 +534,13 @@ class RolloutEngine:
             below = generated < self.min_new_tokens
             args = (logits, 1.0 / self.temperature, self._bias, self._bias_min_new, below)
             if run.seeded:
-                return self._compiled_call("seeded", seeded_temperature_sample, *args, run.key_a, run.key_b, generated)
-            return self._compiled_call("gumbel", gumbel_max_sample, *args)
+                return _compiled_call(seeded_temperature_sample, *args, run.key_a, run.key_b, generated,
+                                      self._columns)
+            return _compiled_call(gumbel_max_sample, *args)
         scores = self._process(logits, generated)
         if run.seeded:
-            return seeded_gumbel_sample(scores, run.key_a, run.key_b, generated)
+            return seeded_gumbel_sample(scores, run.key_a, run.key_b, generated, self._columns)
         return draw_tokens(scores, scores.shape[0], False, run.generator)
-
-    def _compiled_call(self, name: str, fn, *args):
-        """fn compiled with torch.compile (once); if compiling fails, warn once and run it eagerly."""
-        compiled = self._compiled.get(name)
-        if compiled is None:
-            compiled = self._compiled[name] = torch.compile(fn, fullgraph=True)
-        if compiled is fn:
-            return fn(*args)
-        try:
-            return compiled(*args)
-        except Exception as err:  # torch.compile/inductor failure on this platform
-            warn_once(f"fast rollout engine: compiled sampler off ({type(err).__name__}: {str(err)[:200]})")
-            self._compiled[name] = fn
-            return fn(*args)
 
     def _process(self, logits: torch.Tensor, generated) -> torch.Tensor:
         return process_logits(logits, generated=generated, min_new_tokens=self.min_new_tokens,
@@ -758,6 +748,21 @@ class RolloutEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def _compiled_call(fn, *args):
+    """fn compiled with torch.compile (once per process); if compiling fails, warn once and run it eagerly."""
+    compiled = _compiled.get(fn)
+    if compiled is None:
+        compiled = _compiled[fn] = torch.compile(fn, fullgraph=True)
+    if compiled is fn:
+        return fn(*args)
+    try:
+        return compiled(*args)
+    except Exception as err:  # torch.compile/inductor failure on this platform
+        warn_once(f"fast rollout engine: compiled sampler off ({type(err).__name__}: {str(err)[:200]})")
+        _compiled[fn] = fn
+        return fn(*args)
 
 
 def _model_fingerprint(base, weights: DecodeWeights) -> tuple:

@@ -114,27 +114,34 @@ def sample_key(seed: int, sample: int) -> tuple[int, int]:
     return mix32(lo ^ s), mix32(hi ^ mix32(s ^ 0x5BD1E995))
 
 
-def hashed_uniform(key_a: torch.Tensor, key_b: torch.Tensor, counter: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[R, vocab] float32 uniforms in (0, 1), a pure function of (key_a, key_b, counter) per row and the column."""
-    row = mix32(key_a ^ mix32((counter & MASK32) ^ 0x9E3779B9))
-    row_b = mix32(key_b + counter & MASK32)
-    col = torch.arange(vocab, device=key_a.device, dtype=torch.int64)
-    x = mix32((row[:, None] ^ ((col * 0x9E3779B1) & MASK32)))
+def column_keys(vocab: int, device) -> torch.Tensor:
+    """[vocab] int64 per-token hash keys (a tensor input, so compiled kernels never multiply an int32 index by
+    a constant above 2**31)."""
+    return mix32((torch.arange(vocab, device=device, dtype=torch.int64) * 0x2C1B3C6D) & MASK32)
+
+
+def hashed_uniform(key_a: torch.Tensor, key_b: torch.Tensor, counter: torch.Tensor,
+                   columns: torch.Tensor) -> torch.Tensor:
+    """[R, V] float32 uniforms in (0, 1), a pure function of (key_a, key_b, counter) per row and the column's
+    key (:func:`column_keys`)."""
+    row = mix32(key_a ^ mix32((counter & MASK32) ^ 0x1E3779B9))
+    row_b = mix32((key_b + counter) & MASK32)
+    x = mix32(row[:, None] ^ columns[None, :])
     x = mix32(x ^ row_b[:, None])
     return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def seeded_gumbel_sample(scores: torch.Tensor, key_a: torch.Tensor, key_b: torch.Tensor,
-                         counter: torch.Tensor) -> torch.Tensor:
+def seeded_gumbel_sample(scores: torch.Tensor, key_a: torch.Tensor, key_b: torch.Tensor, counter: torch.Tensor,
+                         columns: torch.Tensor) -> torch.Tensor:
     """argmax(scores + Gumbel noise from :func:`hashed_uniform`): one token per row of processed float32 scores
     [R, V], distributed as multinomial(softmax(scores)); counter [R]: the token's index in its completion."""
-    uniform = hashed_uniform(key_a, key_b, counter, scores.shape[-1])
+    uniform = hashed_uniform(key_a, key_b, counter, columns)
     return torch.argmax(scores - torch.log(-torch.log(uniform)), dim=-1)
 
 
 def seeded_temperature_sample(logits: torch.Tensor, inv_temperature: float, bias: torch.Tensor,
                               bias_below_min: torch.Tensor, below_min: torch.Tensor, key_a: torch.Tensor,
-                              key_b: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+                              key_b: torch.Tensor, counter: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     """:func:`seeded_gumbel_sample` of :func:`temperature_scores` (temperature-only sampling, one pass compiled)."""
     return seeded_gumbel_sample(temperature_scores(logits, inv_temperature, bias, bias_below_min, below_min),
-                                key_a, key_b, counter)
+                                key_a, key_b, counter, columns)

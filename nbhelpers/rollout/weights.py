@@ -203,6 +203,12 @@ def memory_budget(device: torch.device) -> tuple[int, int]:
     return max(0, min(free, cap - torch.cuda.memory_reserved(device))), cap
 
 
+def fused_copies_fit(need: int, free: int, total: int) -> bool:
+    """Whether fused copies of ``need`` bytes may stay resident: at most a quarter of the device memory this
+    process may use (``total``) and half of what is free now (the rest is for KV, training and activations)."""
+    return need <= 0.25 * total and need <= 0.5 * free
+
+
 def choose_mode(layers, device: torch.device, dtype: torch.dtype, requested: str | None = None) -> str:
     """The decode-weights mode: requested or forced by the environment, else fused where memory allows."""
     mode = requested or forced_weights_mode()
@@ -221,7 +227,7 @@ def choose_mode(layers, device: torch.device, dtype: torch.dtype, requested: str
         return "fused"
     free, total = memory_budget(device)
     need = fused_copy_bytes(layers, dtype)
-    if need <= 0.25 * total and need <= 0.5 * free:
+    if fused_copies_fit(need, free, total):
         return "fused"
     warn_once(f"fast rollout engine: fused weight copies ({need / 1e9:.1f} GB) do not fit beside the model "
               f"({free / 1e9:.1f} GB free of {total / 1e9:.1f} GB); LoRA adapters run unmerged in {dtype}")
