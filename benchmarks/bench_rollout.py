@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import math
 import os
@@ -410,8 +411,6 @@ def section_t4(args, result: dict) -> None:
     The random model is initialised before the cap (its float32 initialisation needs 15 GB on its own; a real
     checkpoint loads straight into fp16), then the cap holds for the whole training run.
     """
-    import gc
-
     cap = 15e9
     fraction = cap / torch.cuda.get_device_properties(0).total_memory
     out = result.setdefault("t4_check", {})
@@ -423,6 +422,7 @@ def section_t4(args, result: dict) -> None:
         model = build_random_model("qwen2-5-3b-random", torch.float16, "cuda")
         gc.collect()
         torch.cuda.empty_cache()
+        out[f"{key}_allocated_gb_before"] = torch.cuda.memory_allocated() / 1e9  # the fp16 model: about 7.5
         torch.cuda.set_per_process_memory_fraction(fraction)
         try:
             out[key] = train_run("fast", fast=True, steps=2, tokens=tokens, dtype=torch.float16, model=model)
@@ -480,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.sections.split(","):
         log(f"== section {name}")
         SECTIONS[name](args, result)
+        gc.collect()  # what a section leaves allocated would count against the next one (the T4 cap above all)
+        torch.cuda.empty_cache()
+        result.setdefault("allocated_gb_after_section", {})[name] = torch.cuda.memory_allocated() / 1e9
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
         if os.environ.get("OUT"):
