@@ -142,7 +142,7 @@ def engine_run(model, inputs, n: int, tokens: int, **engine_kwargs) -> dict:
               "ms_per_step": seconds / tokens * 1e3, "decode_ms_per_step": stats["decode_s"] / stats["steps"] * 1e3,
               "prefill_s": stats["prefill_s"], "rows_per_chunk": stats["rows"], "graph_captures": engine.graph_captures,
               "fast_kernels": engine.fast_kernels, "cuda_graphs": engine.use_cuda_graphs,
-              "weights": engine.weights_mode, "weight_copy_gb": engine._decode_weights().copy_bytes() / 1e9,
+              "weights": engine.weights_mode, "weight_copy_gb": engine.weight_copy_bytes / 1e9,
               "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
     engine.drop_graphs()
     del engine
@@ -381,8 +381,9 @@ def train_run(shape: str, fast: bool, steps: int, tokens: int, dtype=torch.bfloa
               "trainable_parameters": trainable, "completions_per_step": 2 * TRAIN_SHAPES[shape]["num_generations"]}
     if engine is not None:
         result.update({"rollout_weights": engine.weights_mode, "fast_kernels": engine.fast_kernels,
-                       "rollout_rows": engine.last_stats.get("rows"), "rollout_prompts": engine.last_stats.get("prompts"),
-                       "weight_copy_gb": engine._decode_weights().copy_bytes() / 1e9})
+                       "rollout_rows": engine.last_stats.get("rows"),
+                       "rollout_prompts": engine.last_stats.get("prompts"),
+                       "weight_copy_gb": engine.weight_copy_bytes / 1e9})
     del trainer, model
     torch.cuda.empty_cache()
     return result

@@ -327,7 +327,13 @@ class RolloutEngine:
 
     @property
     def weights_mode(self) -> str:
+        """How projections are computed while decoding: fused, adapters or modules (see :mod:`.weights`)."""
         return self._decode_weights().mode
+
+    @property
+    def weight_copy_bytes(self) -> int:
+        """Bytes of engine-owned decode weight copies (fused/merged copies, cast adapters)."""
+        return self._decode_weights().copy_bytes()
 
     # -- run loop ----------------------------------------------------------------------------
     @contextlib.contextmanager
