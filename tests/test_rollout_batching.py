@@ -344,6 +344,38 @@ def test_sample_problems_streams_through_the_engine_and_matches_alone(tiny_model
     assert calls == [50, 51, 52] and [k for k, _, _ in stocked] == ["p0", "p1", "p2"]
 
 
+def test_samples_file_through_the_engine_resumes_to_the_same_samples(tmp_path, monkeypatch):
+    """sample_to_file with the engine (continuous batching over 4 problems, 3 rows): a run stopped after 2
+    problems and resumed writes the same completions per problem as one uninterrupted run."""
+    import json
+
+    from nbhelpers import sampling
+    from nbhelpers.config import load_config, resolve_parameter_file
+    from nbhelpers.data import load_examples
+
+    monkeypatch.setattr(rollout.dispatch, "resolve_engine", lambda engine, model: "fast")  # the engine on CPU
+    cfg = load_config([resolve_parameter_file("smoke", "presets"), resolve_parameter_file("local-cpu", "platforms")],
+                      {"n_samples": 4, "sample_chunk_size": 3, "sample_max_new_tokens": 6})
+    model = build_random_model("tiny-random").eval()
+    processor = build_offline_processor(cfg.eval_max_pixels, tiny=True)
+    examples = load_examples("synthetic", split="test", subset_size=4, seed=cfg.seed)
+
+    def records(path):
+        return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+    full = records(sampling.sample_to_file(cfg, tmp_path / "full.jsonl", examples=examples, model=model,
+                                           processor=processor))
+    sampling.sample_to_file(cfg, tmp_path / "part.jsonl", examples=examples.select(range(2)), model=model,
+                            processor=processor)
+    resumed = records(sampling.sample_to_file(cfg, tmp_path / "part.jsonl", examples=examples, model=model,
+                                              processor=processor))
+    assert sorted(full) == sorted(resumed) == sorted(str(e["id"]) for e in examples)
+    for key in full:
+        assert resumed[key]["completions"] == full[key]["completions"]
+        assert resumed[key]["meta"]["seed_problem"] == full[key]["meta"]["seed_problem"]
+        assert len(full[key]["completions"]) == 4
+
+
 # ------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 @gpu
