@@ -7,9 +7,13 @@ length with ``min_new_tokens``. Sections (run several per call; results merge in
 * ``sampling``  stock ``generate(num_return_sequences=n)`` and the engine at n = 16, 64, 256, in this
   process, plus the bandwidth roofline from the measured weight and KV bytes and a measured copy bandwidth;
 * ``engine``    the engine alone (variants: fused elementwise ops or not, CUDA graphs or eager);
+* ``decode``    the engine alone at n = 16, 64, 256, bare and with LoRA r=8 attached (decode weights fused and
+  merged; at the largest n also adapters cast to bf16 and the PEFT modules as they are), with roofline fractions;
+* ``continuous`` continuous batching: 4 problems x 256 samples with forced lengths drawn around a mean of 250
+  (tail to the full length) streamed through 256 rows, vs forced full length, vs one problem at a time;
 * ``train-fast`` / ``train-safe``  stock GRPOTrainer vs a subclass whose ``_generate_single_turn`` calls
   ``nbhelpers.rollout.trainer_generate``: seconds per optimizer step and peak memory (LoRA r=8 on all
-  projections, gradient checkpointing, bf16);
+  projections, gradient checkpointing, bf16); ``train-fast-ours`` / ``train-safe-ours``: ours only;
 * ``t4``        our training step at the fast shape in fp16 with the process capped to 15 GB.
 
     python benchmarks/bench_rollout.py --sections sampling,train-fast --out-dir benchmarks/results
@@ -19,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -31,8 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nbhelpers.models import build_offline_processor, build_random_model, lora_config  # noqa: E402
-from nbhelpers.rollout import RolloutEngine, stock_generate, trainer_generate  # noqa: E402
+from nbhelpers.models import apply_lora, build_offline_processor, build_random_model, lora_config  # noqa: E402
+from nbhelpers.rollout import Request, RolloutEngine, stock_generate, trainer_generate  # noqa: E402
 
 EOS, PAD = 151645, 151643  # Qwen <|im_end|>, <|endoftext|>
 PIXELS = 320 * 28 * 28
@@ -136,6 +142,7 @@ def engine_run(model, inputs, n: int, tokens: int, **engine_kwargs) -> dict:
               "ms_per_step": seconds / tokens * 1e3, "decode_ms_per_step": stats["decode_s"] / stats["steps"] * 1e3,
               "prefill_s": stats["prefill_s"], "rows_per_chunk": stats["rows"], "graph_captures": engine.graph_captures,
               "fast_kernels": engine.fast_kernels, "cuda_graphs": engine.use_cuda_graphs,
+              "weights": engine.weights_mode, "weight_copy_gb": engine.weight_copy_bytes / 1e9,
               "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
     engine.drop_graphs()
     del engine
@@ -237,6 +244,86 @@ def section_engine_variants(args, result: dict) -> None:
         log(f"variant graphs+fast_kernels n={n_small}: {out[f'graphs+fast_kernels n{n_small}']}")
 
 
+def section_decode(args, result: dict) -> None:
+    """The engine's decode step, bare and with LoRA r=8 (PEFT's default init: B = 0, the same cost as trained
+    adapters), at each n, with the bandwidth roofline fraction."""
+    processor = build_offline_processor(PIXELS, tiny=False)
+    model = build_random_model("qwen2-5-3b-random", torch.bfloat16, "cuda").eval()
+    inputs = chart_prompt(processor)
+    prompt_len = int(inputs["input_ids"].shape[1])
+    weight_bytes = decode_weight_bytes(model)
+    bandwidth = copy_bandwidth()
+    kv_per_token = RolloutEngine(model, [EOS], PAD, 2).kv_bytes_per_token
+    out = result.setdefault("decode", {})
+    out.update({"prompt_tokens": prompt_len, "decode_weight_bytes": weight_bytes, "copy_bandwidth_bytes_s": bandwidth,
+                "tokens": args.tokens, "roofline_definition": ROOFLINE_DEFINITION})
+    for n in args.ns:
+        row = out.setdefault(f"n{n}", {})
+        row["roofline"] = roofline(weight_bytes, kv_per_token, prompt_len, n, args.tokens, bandwidth)
+        row["bare"] = engine_run(model, inputs, n, args.tokens)
+        row["bare_roofline_fraction"] = row["roofline"]["shared"]["ms_per_step"] / row["bare"]["decode_ms_per_step"]
+        log(f"decode n={n} bare: {row['bare']}; roofline fraction {row['bare_roofline_fraction']:.3f}")
+    if "n256" in out:
+        result["decode_roofline_fraction_n256"] = out["n256"]["bare_roofline_fraction"]
+    lora = apply_lora(model, r=8, dropout=0.0).eval()
+    for n in args.ns:
+        row = out[f"n{n}"]
+        row["lora_fused"] = engine_run(lora, inputs, n, args.tokens)
+        row["lora_over_bare"] = row["lora_fused"]["decode_ms_per_step"] / row["bare"]["decode_ms_per_step"]
+        log(f"decode n={n} lora fused: {row['lora_fused']}; {row['lora_over_bare']:.3f}x bare")
+    top = out[f"n{max(args.ns)}"]
+    for mode in args.lora_modes.split(","):
+        top[f"lora_{mode}"] = engine_run(lora, inputs, max(args.ns), args.tokens, weights=mode)
+        top[f"lora_{mode}_over_bare"] = top[f"lora_{mode}"]["decode_ms_per_step"] / top["bare"]["decode_ms_per_step"]
+        log(f"decode n={max(args.ns)} lora {mode}: {top[f'lora_{mode}']}; {top[f'lora_{mode}_over_bare']:.3f}x bare")
+    result["lora_decode_over_bare"] = {f"n{n}": out[f"n{n}"]["lora_over_bare"] for n in args.ns}
+
+
+def forced_lengths(problem: int, n: int, tokens: int) -> list[int]:
+    """Completion lengths for the continuous-batching benchmark: log-normal around 200 (mean about 250 after
+    clipping to [8, tokens]), a tail up to ``tokens``; a stand-in for a model that stops at EOS."""
+    gen = torch.Generator().manual_seed(1000 + problem)
+    lengths = torch.exp(math.log(200.0) + 0.65 * torch.randn(n, generator=gen)).round().clamp(8, tokens)
+    return [int(v) for v in lengths]
+
+
+def section_continuous(args, result: dict) -> None:
+    processor = build_offline_processor(PIXELS, tiny=False)
+    model = build_random_model("qwen2-5-3b-random", torch.bfloat16, "cuda").eval()
+    rows, n, tokens, problems = 256, 256, args.tokens, 4
+    prompts = [chart_prompt(processor, i) for i in range(problems)]
+    engine = RolloutEngine(model, [EOS], PAD, tokens, temperature=1.0, top_p=1.0, min_new_tokens=tokens, max_rows=rows)
+
+    def stream(requests) -> dict:
+        requests = list(requests)
+        (_, seconds) = timed(lambda: list(engine.generate_stream(requests, rows=rows)))
+        stats = engine.last_stats
+        made = sum(sum(r.lengths) for r in requests)
+        assert stats["tokens"] == made, "forced lengths were not kept"
+        return {"problems": len(requests), "samples": sum(r.n for r in requests), "completion_tokens": made,
+                "mean_length": made / sum(r.n for r in requests), "s": seconds, "tok_s": made / seconds,
+                "decode_steps": stats["steps"], "row_utilisation": stats["busy_row_steps"] / (rows * stats["steps"]),
+                "decode_ms_per_step": stats["decode_s"] / stats["steps"] * 1e3, "prefill_s": stats["prefill_s"]}
+
+    stream([Request(0, prompts[0], n, 7, [tokens] * n)])  # warm-up: graph capture, compilation
+    out = result.setdefault("continuous_batching", {})
+    out["setting"] = (f"{problems} problems x {n} samples, {rows} rows, seeded sampling at temperature 1; forced "
+                      "lengths (forced_lengths in this script): log-normal around 200, clipped to [8, "
+                      f"{tokens}]")
+    out["continuous"] = stream(Request(p, prompts[p], n, 7 + p, forced_lengths(p, n, tokens)) for p in range(problems))
+    log(f"continuous: {out['continuous']}")
+    out["full_length"] = stream(Request(p, prompts[p], n, 7 + p, [tokens] * n) for p in range(2))
+    log(f"full length: {out['full_length']}")
+    alone = [stream([Request(p, prompts[p], n, 7 + p, forced_lengths(p, n, tokens))]) for p in range(2)]
+    made, seconds = sum(a["completion_tokens"] for a in alone), sum(a["s"] for a in alone)
+    out["one_problem_at_a_time"] = {"completion_tokens": made, "s": seconds, "tok_s": made / seconds,
+                                    "row_utilisation": statistics.mean(a["row_utilisation"] for a in alone)}
+    log(f"one problem at a time: {out['one_problem_at_a_time']}")
+    out["continuous_over_full_length"] = out["continuous"]["tok_s"] / out["full_length"]["tok_s"]
+    out["continuous_over_one_at_a_time"] = out["continuous"]["tok_s"] / out["one_problem_at_a_time"]["tok_s"]
+    result["continuous_over_full_length_tok_s"] = out["continuous_over_full_length"]
+
+
 def _train_dataset():
     from datasets import Dataset
 
@@ -286,28 +373,36 @@ def train_run(shape: str, fast: bool, steps: int, tokens: int, dtype=torch.bfloa
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     torch.cuda.reset_peak_memory_stats()
     trainer.train()
+    engine = getattr(trainer, "_chartrl_rollout_engine", None)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     lengths = [h.get("completions/mean_length") for h in trainer.state.log_history if "loss" in h]
     result = {"step_s": times, "steady_step_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
               "peak_gb": torch.cuda.max_memory_allocated() / 1e9, "loss": losses, "mean_completion_length": lengths,
               "trainable_parameters": trainable, "completions_per_step": 2 * TRAIN_SHAPES[shape]["num_generations"]}
+    if engine is not None:
+        result.update({"rollout_weights": engine.weights_mode, "fast_kernels": engine.fast_kernels,
+                       "rollout_rows": engine.last_stats.get("rows"),
+                       "rollout_prompts": engine.last_stats.get("prompts"),
+                       "weight_copy_gb": engine.weight_copy_bytes / 1e9})
     del trainer, model
     torch.cuda.empty_cache()
     return result
 
 
-def section_train(args, result: dict, shape: str) -> None:
+def section_train(args, result: dict, shape: str, with_stock: bool = True) -> None:
     out = result.setdefault(f"train_{shape}", {})
     out["ours"] = train_run(shape, fast=True, steps=args.our_steps, tokens=args.tokens)
     log(f"train {shape} ours: {out['ours']}")
+    peaks = result.setdefault("peak_memory_gb", {})
+    peaks[f"train_{shape}_ours"] = out["ours"]["peak_gb"]
+    if not with_stock:
+        return
     out["stock"] = train_run(shape, fast=False, steps=args.stock_steps, tokens=args.tokens)
     log(f"train {shape} stock: {out['stock']}")
     out["speedup"] = out["stock"]["steady_step_s"] / out["ours"]["steady_step_s"]
     log(f"train {shape}: {out['speedup']:.1f}x fewer seconds per optimizer step")
     result[f"train_step_speedup_{shape}"] = out["speedup"]
     result["loss_note"] = LOSS_NOTE
-    peaks = result.setdefault("peak_memory_gb", {})
-    peaks[f"train_{shape}_ours"] = out["ours"]["peak_gb"]
     peaks[f"train_{shape}_stock"] = out["stock"]["peak_gb"]
 
 
@@ -317,8 +412,6 @@ def section_t4(args, result: dict) -> None:
     The random model is initialised before the cap (its float32 initialisation needs 15 GB on its own; a real
     checkpoint loads straight into fp16), then the cap holds for the whole training run.
     """
-    import gc
-
     cap = 15e9
     fraction = cap / torch.cuda.get_device_properties(0).total_memory
     out = result.setdefault("t4_check", {})
@@ -330,6 +423,7 @@ def section_t4(args, result: dict) -> None:
         model = build_random_model("qwen2-5-3b-random", torch.float16, "cuda")
         gc.collect()
         torch.cuda.empty_cache()
+        out[f"{key}_allocated_gb_before"] = torch.cuda.memory_allocated() / 1e9  # the fp16 model: about 7.5
         torch.cuda.set_per_process_memory_fraction(fraction)
         try:
             out[key] = train_run("fast", fast=True, steps=2, tokens=tokens, dtype=torch.float16, model=model)
@@ -354,6 +448,10 @@ SECTIONS = {
     "engine": section_engine_variants,
     "train-fast": lambda a, r: section_train(a, r, "fast"),
     "train-safe": lambda a, r: section_train(a, r, "safe"),
+    "train-fast-ours": lambda a, r: section_train(a, r, "fast", with_stock=False),
+    "train-safe-ours": lambda a, r: section_train(a, r, "safe", with_stock=False),
+    "decode": section_decode,
+    "continuous": section_continuous,
     "t4": section_t4,
 }
 
@@ -366,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=768, help="completion tokens (forced)")
     parser.add_argument("--stock-steps", type=int, default=2, help="stock optimizer steps (the first is warm-up)")
     parser.add_argument("--our-steps", type=int, default=3, help="our optimizer steps (the first is warm-up)")
+    parser.add_argument("--lora-modes", default="adapters,modules",
+                        help="decode-weights modes also timed with LoRA at the largest n (decode section)")
     parser.add_argument("--out-dir", default="benchmarks/results", help="the JSON file <gpu>-<date>.json goes here")
     args = parser.parse_args(argv)
     args.ns = [int(n) for n in args.ns.split(",")]
@@ -381,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.sections.split(","):
         log(f"== section {name}")
         SECTIONS[name](args, result)
+        gc.collect()  # what a section leaves allocated would count against the next one (the T4 cap above all)
+        torch.cuda.empty_cache()
+        result.setdefault("allocated_gb_after_section", {})[name] = torch.cuda.memory_allocated() / 1e9
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=1))
         if os.environ.get("OUT"):

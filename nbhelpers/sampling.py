@@ -4,6 +4,8 @@ Samples file: JSON Lines, one line per finished problem (format in DESIGN.md), a
 as each problem completes. Rerunning the same command resumes: finished problems are skipped, a
 truncated last line (a crash mid-write) is cut off, nothing is duplicated. Each problem draws from
 its own seed (run seed + problem id), so a resumed run gives the same samples as an uninterrupted one.
+With the fast rollout engine, problems are sampled together (continuous batching) and their lines come
+in the order the problems finish.
 """
 
 from __future__ import annotations
@@ -171,6 +173,7 @@ def sample_to_file(cfg: RunConfig, out: str | Path, checkpoint: str | None = Non
     """Draw ``cfg.n_samples`` completions per problem of ``cfg.eval_dataset`` into ``out`` (resumable)."""
     from . import data, provenance
     from .rewards import is_correct
+    from .rollout import sample_problems
 
     out = Path(out)
     requested = provenance.samples_provenance(cfg, checkpoint)
@@ -195,14 +198,19 @@ def sample_to_file(cfg: RunConfig, out: str | Path, checkpoint: str | None = Non
         bar = _progress(f"sampling n={cfg.n_samples}", total=len(examples))
         bar.update(len(examples) - len(todo))
         started, drawn = time.monotonic(), 0
-        for index in todo:
+        problems = ((i, encode_prompt(processor, examples[i], cfg.eval_max_pixels),
+                     problem_seed(cfg.seed, examples[i]["dataset"], str(examples[i]["id"]))) for i in todo)
+        settings = dict(max_new_tokens=cfg.sample_max_new_tokens, temperature=cfg.sample_temperature,
+                        top_p=cfg.sample_top_p, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id)
+
+        def one_problem(inputs, seed):  # the stock path, one problem at a time
+            return generate_in_chunks(model, inputs, cfg.n_samples, cfg.sample_chunk_size, seed=seed,
+                                      engine=cfg.rollout_engine, **settings)
+
+        # fast engine: continuous batching across problems (sample_chunk_size rows), finished problems first
+        for index, seed, ids in sample_problems(model, problems, cfg.n_samples, rows=cfg.sample_chunk_size,
+                                                engine=cfg.rollout_engine, one_problem=one_problem, **settings):
             example = examples[index]
-            seed = problem_seed(cfg.seed, example["dataset"], str(example["id"]))
-            inputs = encode_prompt(processor, example, cfg.eval_max_pixels)
-            ids = generate_in_chunks(model, inputs, cfg.n_samples, cfg.sample_chunk_size,
-                                     max_new_tokens=cfg.sample_max_new_tokens, temperature=cfg.sample_temperature,
-                                     top_p=cfg.sample_top_p, eos_token_ids=eos,
-                                     pad_token_id=tokenizer.pad_token_id, seed=seed, engine=cfg.rollout_engine)
             texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
             writer.write({"id": str(example["id"]), "dataset": example["dataset"], "question": example["question"],
                           "answer": example["answer"], "completions": texts,

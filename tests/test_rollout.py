@@ -174,7 +174,7 @@ def test_unavailable_reasons(tiny_model):
 
 
 def test_auto_falls_back_to_stock_on_cpu_and_warns_once(tiny_model, tiny_processor, caplog, monkeypatch):
-    monkeypatch.setattr(rollout, "_warned_reasons", set())
+    monkeypatch.setattr(rollout.notices, "_warned_reasons", set())
     inputs = prompt_inputs(tiny_processor, 1)
     kwargs = dict(max_new_tokens=3, temperature=1.0, top_p=1.0, eos_token_ids=[TINY_EOS], pad_token_id=TINY_PAD)
     with caplog.at_level(logging.WARNING, logger="nbhelpers.rollout"):
@@ -281,8 +281,22 @@ def test_sampled_token_frequencies_match_stock_and_catch_a_wrong_temperature(tin
     _check_sampling_statistics(tiny_model, tiny_processor)
 
 
+def _fused_gumbel(logits, temp, bias):
+    below = torch.zeros(logits.shape[0], dtype=torch.bool)
+    return rollout.gumbel_max_sample(logits, 1.0 / temp, bias, bias, below)
+
+
+def _seeded_gumbel(logits, temp, bias):
+    """The seeded sampler, one sample key per row (problem seed 11, sample index = row), token index 0."""
+    keys = torch.tensor([rollout.sample_key(11, s) for s in range(logits.shape[0])])
+    scores = logits.float() / temp + bias
+    return rollout.seeded_gumbel_sample(scores, keys[:, 0], keys[:, 1], torch.zeros(len(keys), dtype=torch.long),
+                                        rollout.logits.column_keys(scores.shape[-1], "cpu"))
+
+
+@pytest.mark.parametrize("sampler", [_fused_gumbel, _seeded_gumbel])
 @pytest.mark.parametrize("temperature", [0.5, 1.0])
-def test_gumbel_max_sampler_matches_multinomial_and_catches_a_wrong_temperature(temperature):
+def test_gumbel_max_samplers_match_multinomial_and_catch_a_wrong_temperature(sampler, temperature):
     draws = 10_000
     logits = (torch.randn(1, 300, generator=torch.Generator().manual_seed(3)) * 2).to(torch.bfloat16)
     bias = torch.zeros(300)
@@ -292,7 +306,7 @@ def test_gumbel_max_sampler_matches_multinomial_and_catches_a_wrong_temperature(
     reference = torch.multinomial(probs, 1).squeeze(1).tolist()
 
     def gumbel(temp: float) -> list[int]:
-        return rollout.gumbel_max_sample(logits.expand(draws, -1), 1.0 / temp, bias).tolist()
+        return sampler(logits.expand(draws, -1), temp, bias).tolist()
 
     ours = gumbel(temperature)
     assert not {0, 7} & set(ours)
@@ -363,7 +377,7 @@ def exact_fp32():
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_greedy_fp32_3b_matches_stock_for_64_prompts(exact_fp32):
+def test_gpu_greedy_fp32_3b_batch_of_64_prompts_matches_stock(exact_fp32):
     processor = build_offline_processor(320 * 28 * 28, tiny=False)
     model = build_random_model("qwen2-5-3b-random", torch.float32, "cuda").eval()
     eos, pad, new_tokens = 151645, 151643, 64
@@ -375,7 +389,8 @@ def test_gpu_greedy_fp32_3b_matches_stock_for_64_prompts(exact_fp32):
                                return_dict_in_generate=True)
     expected = stock.sequences[:, stacked["input_ids"].shape[1]:].tolist()
     engine = RolloutEngine(model, [eos], pad, new_tokens, temperature=0.0, min_new_tokens=new_tokens)
-    got = [engine.generate(b, 1)[0] for b in batch]
+    got = [c[0] for c in engine.generate_batch([(b, 1) for b in batch])]  # one engine run, 64 prompts
+    assert engine.last_stats["prompts"] == 64
     diverged = {}  # prompt -> (first differing position, stock's score margin of its token over ours there)
     for i, (g, e) in enumerate(zip(got, expected)):
         if g != e:
@@ -420,18 +435,22 @@ def test_gpu_graphs_follow_in_place_lora_updates_and_moved_storage(tiny_processo
     (256, 398, 767, torch.bfloat16), (3, 5, 9, torch.float16), (7, 64, 63, torch.float32),
 ])
 def test_gpu_triton_attention_matches_pytorch_attention(rows, prompt_len, step, dtype):
+    """Rows of one step read prompts of different regions and lengths and are at different completion steps."""
     gen = torch.Generator(device="cuda").manual_seed(rows + step)
-    heads, kv_heads, dim, prefix_cap, suffix_cap = 16, 2, 128, 512, 768
+    heads, kv_heads, dim, region, suffix_cap = 16, 2, 128, 512, 768
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen, device="cuda").to(dtype)
 
-    q, prefix_k, prefix_v = rand(rows, heads, dim), rand(kv_heads, prefix_cap, dim), rand(kv_heads, prefix_cap, dim)
+    q, prefix_k, prefix_v = rand(rows, heads, dim), rand(kv_heads, 3 * region, dim), rand(kv_heads, 3 * region, dim)
     suffix_k, suffix_v = rand(rows, kv_heads, suffix_cap, dim), rand(rows, kv_heads, suffix_cap, dim)
-    lengths = torch.tensor([prompt_len], device="cuda"), torch.tensor([step], device="cuda")
-    out = rollout.triton_decode_attention(q, prefix_k, prefix_v, suffix_k, suffix_v, *lengths, dim ** -0.5)
-    visible = torch.cat([torch.arange(prefix_cap) < prompt_len, torch.arange(suffix_cap) <= step]).cuda()
-    bias = torch.zeros(prefix_cap + suffix_cap, device="cuda").masked_fill(~visible, -math.inf)
+    r = torch.arange(rows, device="cuda")
+    starts = (r % 3) * region
+    lengths = torch.clamp(prompt_len - 37 * (r % 3), min=1)
+    steps = torch.clamp(step - 13 * (r % 4), min=0)
+    out = rollout.triton_decode_attention(q, prefix_k, prefix_v, suffix_k, suffix_v, starts, lengths, steps,
+                                          dim ** -0.5)
+    bias = rollout.attention_bias(starts, lengths, steps, 3 * region, suffix_cap)
     ref = shared_prefix_attention(q.double(), prefix_k.double(), prefix_v.double(), suffix_k.double(),
                                   suffix_v.double(), bias.double(), dim ** -0.5)
     tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]

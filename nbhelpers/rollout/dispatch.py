@@ -1,0 +1,136 @@
+"""Choosing a generation path: the fast engine, stock ``generate`` or vLLM, for one prompt or a stream of problems."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from .engine import Request, RolloutEngine, engine_unavailable_reason
+from .logits import truncate_at_eos
+from .notices import log, warn_once
+from .vllm import vllm_sample
+
+ENGINE_CHOICES = ("auto", "stock", "fast", "vllm")
+
+
+def stock_generate(model, prompt_inputs: dict, n: int, *, max_new_tokens: int, temperature: float, top_p: float,
+                   eos_token_ids: Sequence[int], pad_token_id: int, top_k: int | None = None,
+                   min_new_tokens: int = 0, suppress_token_ids: Sequence[int] = ()) -> list[list[int]]:
+    """Stock ``model.generate(num_return_sequences=n)``, cut after each row's first EOS.
+
+    top_k and repetition_penalty are passed explicitly (off unless given), so a checkpoint's own
+    generation_config (Qwen2.5-VL-Instruct ships top_k=1, repetition_penalty=1.05) cannot change them.
+    """
+    device = next(model.parameters()).device
+    inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in prompt_inputs.items()}
+    kwargs: dict[str, Any] = dict(num_return_sequences=n, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                  eos_token_id=list(eos_token_ids), pad_token_id=pad_token_id, top_k=top_k or 0,
+                                  top_p=top_p, repetition_penalty=1.0)
+    if temperature > 0:
+        kwargs["temperature"] = temperature
+    if min_new_tokens:
+        kwargs["min_new_tokens"] = min_new_tokens
+    if suppress_token_ids:
+        kwargs["suppress_tokens"] = list(suppress_token_ids)
+    with torch.no_grad():
+        out = model.generate(**inputs, **kwargs)
+    return truncate_at_eos(out[:, inputs["input_ids"].shape[1]:].tolist(), eos_token_ids)
+
+
+_engines: "weakref.WeakKeyDictionary[Any, RolloutEngine]" = weakref.WeakKeyDictionary()
+
+
+def resolve_engine(engine: str, model) -> str:
+    """'auto' -> 'fast' where the engine can run, else 'stock' (warning once with the reason)."""
+    if engine not in ENGINE_CHOICES:
+        raise ValueError(f"rollout engine must be one of {', '.join(ENGINE_CHOICES)}, got '{engine}'")
+    if engine in ("stock", "vllm"):
+        return engine
+    reason = engine_unavailable_reason(model)
+    if reason is None:
+        return "fast"
+    if engine == "fast":
+        raise RuntimeError(f"rollout engine 'fast' was asked for but cannot run: {reason}")
+    warn_once(f"{reason}; using stock generate")
+    return "stock"
+
+
+def cached_engine(model, **settings: Any) -> RolloutEngine:
+    """One engine per model object, rebuilt when the generation settings change."""
+    engine = _engines.get(model)
+    if engine is None or any(engine.settings.get(k) != v for k, v in settings.items()):
+        engine = RolloutEngine(model, **settings)
+        _engines[model] = engine
+    return engine
+
+
+def sample_completions(model, prompt_inputs: dict, n: int, *, max_new_tokens: int, temperature: float, top_p: float,
+                       eos_token_ids: Sequence[int], pad_token_id: int, engine: str = "auto",
+                       generator: torch.Generator | None = None, top_k: int | None = None,
+                       images: Sequence | None = None) -> list[list[int]]:
+    """n completions (token ids, each ending at its first EOS) of one processed prompt.
+
+    engine: 'auto' (fast where available, else stock), 'stock', 'fast' (error if unavailable) or 'vllm'
+    (needs the vllm package and ``images``, the prompt's PIL images). ``generator`` seeds the fast
+    engine only (it must live on the model's device); seed the stock path with torch.manual_seed.
+    """
+    choice = resolve_engine(engine, model)
+    if choice == "vllm":
+        return vllm_sample(model, prompt_inputs, n, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, top_k=top_k, eos_token_ids=eos_token_ids, images=images)
+    if choice == "fast":
+        fast = cached_engine(model, eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id,
+                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+        return fast.generate(prompt_inputs, n, generator=generator)
+    return stock_generate(model, prompt_inputs, n, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_p=top_p, top_k=top_k, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id)
+
+
+def sample_problems(model, problems: Iterable[tuple[Any, dict, int]], n: int, *, rows: int, max_new_tokens: int,
+                    temperature: float, top_p: float, eos_token_ids: Sequence[int], pad_token_id: int,
+                    engine: str, one_problem: Callable[[dict, int], list[list[int]]]
+                    ) -> Iterator[tuple[Any, int, list[list[int]]]]:
+    """(key, seed, n completions) per problem of ``problems`` ((key, prompt_inputs, seed), read lazily), in the
+    order problems finish.
+
+    With the fast engine: continuous batching across problems, ``rows`` rows decoded at once (capped by
+    memory); each sample draws from noise keyed by (problem seed, sample index), so a problem's completions
+    are the same whatever else is in flight, alone or resumed. On CUDA out of memory the problems in flight
+    start again with half the rows (same seeds, so the same completions). Otherwise each problem in turn
+    through ``one_problem(prompt_inputs, seed)`` (the caller's stock path).
+    """
+    if resolve_engine(engine, model) != "fast":
+        for key, inputs, seed in problems:
+            yield key, seed, one_problem(inputs, seed)
+        return
+    fast = cached_engine(model, eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id,
+                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=None)
+    source = iter(problems)
+    in_flight: dict[Any, Request] = {}
+    retry: list[Request] = []
+
+    def requests() -> Iterator[Request]:
+        while retry:
+            yield retry.pop(0)
+        for key, inputs, seed in source:
+            request = Request(key, inputs, n, seed)
+            in_flight[key] = request
+            yield request
+
+    while True:
+        try:
+            for key, completions in fast.generate_stream(requests(), rows=rows):
+                request = in_flight.pop(key)
+                yield key, request.seed, completions
+            return
+        except torch.cuda.OutOfMemoryError:
+            if rows == 1:
+                raise
+            rows = max(1, rows // 2)
+            retry[:] = list(in_flight.values())
+            fast.drop_graphs()
+            torch.cuda.empty_cache()
+            log.warning("CUDA out of memory while sampling: %d rows at once, %d problems start again", rows,
+                        len(retry))
