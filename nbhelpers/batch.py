@@ -96,7 +96,7 @@ def execute_notebook(notebook: str, output: Path, parameters: Mapping[str, Any])
 def check_configs(preset: str, modes: Sequence[str], platform: str | None,
                   overrides: Mapping[str, Any]) -> dict[str, RunConfig]:
     """Each mode's configuration, resolved as 10_train resolves it; ConfigError names the bad key."""
-    from .session import parameter_files
+    from .params import parameter_files
 
     if not modes:
         raise BatchError("no modes given")
