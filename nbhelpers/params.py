@@ -11,6 +11,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from .config import REPO_ROOT, ConfigError, RunConfig, estimate_training_steps, load_config, \
     resolve_parameter_file
 from .platform import detect_platform
+from .registry import check_names
 
 PARAMETER_SOURCE = "notebook parameter"
 # Rows of training sets whose size is known without loading them (subset_size None: all of them).
@@ -31,24 +32,24 @@ def notebook_parameters(namespace: Mapping[str, Any], exclude: Iterable[str] = (
             and not isinstance(value, (types.ModuleType, type)) and not callable(value)}
 
 
-def _named_file(kind: str, key: str, name: Any) -> Path:
+def _named_file(kind: str, name: Any, source: str) -> Path:
     if not isinstance(name, str) or not name:
-        raise ConfigError(f"{PARAMETER_SOURCE} '{key}' expects the name of a file in parameters/{kind}/, "
+        raise ConfigError(f"{source} expects the name of a file in parameters/{kind}/, "
                           f"got {name!r} ({type(name).__name__})")
-    try:
-        return resolve_parameter_file(name, kind)
-    except ConfigError as error:
-        raise ConfigError(f"{PARAMETER_SOURCE} '{key}': {error}") from None
+    return resolve_parameter_file(name, kind, source)
 
 
 def parameter_files(mode: str | None = None, preset: str | None = None, platform: str | None = None,
-                    params_files: str | Sequence[str] | None = None) -> list[Path]:
+                    params_files: str | Sequence[str] | None = None, *, flags: bool = False) -> list[Path]:
     """modes/<mode>.yaml, presets/<preset>.yaml, platforms/<platform>.yaml (None: this machine's
-    recommended platform file), then the extra files, in the order they apply."""
+    recommended platform file), then the extra files, in the order they apply. Errors name the
+    notebook parameter, or with ``flags`` the command-line flag (--preset ...)."""
+    def named(kind: str, key: str, name: Any) -> list[Path]:
+        return [] if name is None else [_named_file(kind, name, f"--{key}" if flags else f"{PARAMETER_SOURCE} '{key}'")]
+
+    files = named("modes", "mode", mode) + named("presets", "preset", preset)  # checked before the GPU probe
     platform = platform if platform is not None else detect_platform().recommended_platform_file
-    files = [_named_file(kind, key, name) for kind, key, name in
-             (("modes", "mode", mode), ("presets", "preset", preset), ("platforms", "platform", platform))
-             if name is not None]
+    files += named("platforms", "platform", platform)
     extra = [params_files] if isinstance(params_files, (str, os.PathLike)) else list(params_files or [])
     return files + [resolve_parameter_file(f) for f in extra]
 
@@ -61,6 +62,7 @@ def notebook_config(mode: str | None = None, preset: str | None = None, platform
     files = parameter_files(mode, preset, platform, params_files)
     cfg = load_config(files, {k: v for k, v in overrides.items() if v is not None},
                       override_source=PARAMETER_SOURCE)
+    check_names(cfg)
     print("parameter files: " + ", ".join(str(f.relative_to(REPO_ROOT)) if f.is_relative_to(REPO_ROOT)
                                           else str(f) for f in files))
     return cfg

@@ -295,7 +295,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", nargs="+", required=True, type=Path, help="results files (JSON)")
     parser.add_argument("--labels", nargs="+", default=None, help="one label per results file (default: method names)")
     parser.add_argument("--out", required=True, type=Path, help="figure to write (.png or .svg)")
-    parser.add_argument("--kind", choices=PLOT_KINDS, default="curves")
+    parser.add_argument("--kind", choices=PLOT_KINDS, default="curves",
+                        help=f"figure: {', '.join(PLOT_KINDS)} (default: curves)")
     parser.add_argument("--baseline", default=None,
                         help="label of the baseline for --kind improvement (default: the first)")
     parser.add_argument("--ks", nargs="+", type=int, default=[1, 8, 64], help="k values for --kind bars")
