@@ -1,4 +1,4 @@
-"""Model registry and loading: hub models, local folders, and two offline random models.
+"""Model loading: hub models, local folders, and two offline random models (names in nbhelpers.registry).
 
 * ``tiny-random``: a Qwen2.5-VL of a few hundred thousand parameters with a 512-token byte-level
   vocabulary (special tokens at small ids, set consistently in tokenizer and config), built from a

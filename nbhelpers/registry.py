@@ -103,7 +103,7 @@ def check_names(cfg: RunConfig) -> None:
         return sources.get(key, "default")
 
     try:
-        resolve_model(cfg.vlm_name, key=f"key 'vlm_name':")
+        resolve_model(cfg.vlm_name, key="key 'vlm_name':")
     except InputError as error:
         raise ConfigError(f"{where('vlm_name')}: {error}") from None
     for key in ("dataset_name", "eval_dataset"):

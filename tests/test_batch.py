@@ -82,6 +82,15 @@ def test_mode_was_sampled_from_its_trained_model(smoke_batch, mode):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("notebook", ["10_train_grpo", "20_generate_grpo"])
+def test_saved_notebooks_hold_no_widget_progress_bar(smoke_batch, notebook):
+    """A widget bar is saved as its first state ("0%"); text bars and HTML tables keep their last one."""
+    _, folder = smoke_batch
+    outputs = [o for c in _executed(folder, notebook).cells for o in c.get("outputs", [])]
+    assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_mode_has_passk_results(smoke_batch, mode):
     _, folder = smoke_batch
