@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .config import MODES, REPO_ROOT, RunConfig, load_config, parse_overrides
+from .config import MODES, REPO_ROOT, RunConfig, load_config, parameter_names, parse_overrides
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 KERNEL_NAME = "python3"
@@ -105,15 +105,19 @@ def execute_notebook(notebook: str, output: Path, parameters: Mapping[str, Any])
 def check_configs(preset: str, modes: Sequence[str], platform: str | None,
                   overrides: Mapping[str, Any]) -> dict[str, RunConfig]:
     """Each mode's configuration, resolved as 10_train resolves it; ConfigError names the bad key."""
-    from .session import parameter_files
+    from .params import parameter_files
+    from .registry import check_names
 
     if not modes:
         raise BatchError("no modes given")
     unknown = [m for m in modes if m not in MODES]
     if unknown or len(set(modes)) != len(modes):
         raise BatchError(f"--modes must be distinct names out of {', '.join(MODES)}; got {' '.join(modes)}")
-    return {mode: load_config(parameter_files(mode, preset, platform), dict(overrides), override_source="--set")
-            for mode in modes}
+    configs = {mode: load_config(parameter_files(mode, preset, platform, flags=True), dict(overrides),
+                                 override_source="--set") for mode in modes}
+    for cfg in configs.values():
+        check_names(cfg)
+    return configs
 
 
 def previous_report(folder: Path, preset: str, platform: str | None,
@@ -246,11 +250,12 @@ def format_report(report: BatchReport) -> str:
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``python -m nbhelpers batch``."""
-    parser.add_argument("--preset", required=True, help="preset name (smoke, poc, ...) or YAML file")
+    parser.add_argument("--preset", required=True,
+                        help=f"preset: {', '.join(parameter_names('presets'))}, or a YAML file")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, metavar="MODE",
                         help=f"modes to train and sample, in order (default: {' '.join(MODES)})")
     parser.add_argument("--platform", default=None,
-                        help="platform file name (colab-a100, kaggle-2xt4, local-cpu) or YAML file "
+                        help=f"platform file: {', '.join(parameter_names('platforms'))}, or a YAML file "
                              "(default: detected)")
     parser.add_argument("--out", default=None, type=Path,
                         help="batch folder (default: batches/<preset>-<timestamp>); an existing one is resumed")

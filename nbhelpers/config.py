@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from .errors import InputError
+
 PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
 PARAMETERS_DIR = REPO_ROOT / "parameters"
@@ -32,7 +34,7 @@ ROLLOUT_ENGINES = ("auto", "stock", "fast", "vllm")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A bad configuration value; the message names the key and where it came from."""
 
 
@@ -259,8 +261,14 @@ def read_yaml_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"parameters file not found: {path}")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path} line {line}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -289,8 +297,14 @@ def parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, A
     return out
 
 
-def resolve_parameter_file(name: str | Path, kind: str | None = None) -> Path:
-    """A path, or a short name looked up in ``parameters/<kind>/<name>.yaml``."""
+def parameter_names(kind: str) -> list[str]:
+    """Short names of the parameters files in ``parameters/<kind>/`` (modes, presets, platforms)."""
+    return sorted(path.stem for path in (PARAMETERS_DIR / kind).glob("*.yaml"))
+
+
+def resolve_parameter_file(name: str | Path, kind: str | None = None, source: str | None = None) -> Path:
+    """A path, or a short name looked up in ``parameters/<kind>/<name>.yaml``; ``source`` (the flag or
+    parameter that named it) begins the error message."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return path
@@ -299,8 +313,9 @@ def resolve_parameter_file(name: str | Path, kind: str | None = None) -> Path:
         candidate = PARAMETERS_DIR / folder / f"{name}.yaml"
         if candidate.is_file():
             return candidate
-    known = sorted(p.stem for f in folders for p in (PARAMETERS_DIR / f).glob("*.yaml"))
-    raise ConfigError(f"no parameters file named '{name}' in {', '.join(folders)} (known: {', '.join(known)})")
+    known = sorted(name for folder in folders for name in parameter_names(folder))
+    where = f"{source}: " if source else ""
+    raise ConfigError(f"{where}no parameters file named '{name}' in {', '.join(folders)} (known: {', '.join(known)})")
 
 
 def load_config(files: list[str | Path] | None = None,
@@ -318,7 +333,8 @@ def load_config(files: list[str | Path] | None = None,
             if name not in FIELDS:
                 raise ConfigError(f"{source}: unknown key '{key}'" + _suggest(name))
             values[name] = _coerce(name, value, source)
-            sources[name] = source
+            sources.pop(name, None)
+            sources[name] = source  # insertion order: the key set last comes last
     config = RunConfig(**values)
     validate(config, sources)
     config._sources = sources  # type: ignore[attr-defined]
@@ -387,10 +403,14 @@ def validate(cfg: RunConfig, sources: dict[str, str] | None = None) -> None:
                                 f"{cfg.num_generations} has no group to compare), got {cfg.num_generations}")
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps
     if per_step % cfg.num_generations:
-        key = "batch_size" if "batch_size" in sources else "num_generations"
-        fail(key, f": batch_size x gradient_accumulation_steps = {cfg.batch_size} x "
-                  f"{cfg.gradient_accumulation_steps} = {per_step} completions per step is not divisible by "
-                  f"num_generations = {cfg.num_generations}")
+        # blame a key of the source that came last (a --set flag over a preset file); batch_size first
+        group = ("batch_size", "gradient_accumulation_steps", "num_generations")
+        set_keys = [k for k in sources if k in group]
+        latest = [k for k in group if set_keys and sources.get(k) == sources[set_keys[-1]]]
+        key = (latest or ["num_generations"])[0]
+        fail(key, f"leaves a partial group: batch_size x "
+                  f"gradient_accumulation_steps = {cfg.batch_size} x {cfg.gradient_accumulation_steps} = "
+                  f"{per_step} completions per step is not divisible by num_generations = {cfg.num_generations}")
     if len(cfg.length_window) != 2 or not all(isinstance(v, (int, float)) for v in cfg.length_window) \
             or not 0 <= cfg.length_window[0] <= cfg.length_window[1]:
         fail("length_window", f"must be [min, max] words with 0 <= min <= max, got {cfg.length_window}")

@@ -26,6 +26,7 @@ convention and return a dict of columns.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -43,7 +44,9 @@ from datasets import Image as ImageFeature
 from PIL import Image
 
 from .completion_parsing import reference_steps
-from .synthetic import SYNTHETIC_CHART_TYPES, SYNTHETIC_SPLITS, make_synthetic_examples
+from .errors import InputError
+from .registry import DATASET_CATALOG, DATASET_NAMES
+from .synthetic import SYNTHETIC_CHART_TYPES, make_synthetic_examples
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +60,6 @@ CHART_TYPES = ("line", "bar", "stacked bar", "pie", "histogram", "scatterplot", 
 MIN_IMAGE_SIDE = 28  # px; Qwen2.5-VL patches are 14 px, merged 2 x 2
 TRAIN_MAX_PIXELS = 320 * 28 * 28
 EVAL_MAX_PIXELS = 480 * 28 * 28
-SYNTHETIC_DEFAULT_SIZE = 64
-PLOTQA_DEFAULT_SUBSET = 5000
 CHARTFC_SUFFIX = ". Answer yes/no."
 CHARTBENCH_YES_NO_SUFFIX = " For binary questions, answer in yes/no."
 
@@ -84,7 +85,7 @@ SYSTEM_PROMPT = (
 )
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(InputError):
     """A source lacks a column or key, or holds a value of the wrong kind; the message names it."""
 
 
@@ -292,7 +293,7 @@ def subset_indices(n: int, size: int, seed: int) -> list[int]:
 def get_spec(name: str) -> DatasetSpec:
     """The registry entry of `name`; ValueError listing the known names otherwise."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+        raise InputError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASET_NAMES)}")
     return DATASETS[name]
 
 
@@ -769,24 +770,11 @@ def _load_synthetic(request: LoadRequest, image_size: tuple[int, int] = (112, 11
                                                        chart_types=chart_types, split=request.split))
 
 
-DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in (
-    DatasetSpec("chart-rvr-train", "hub", "sanchit97/chart-rvr-grpo-train", "train", ("train",),
-                _load_chart_rvr_train,
-                "Chart-RVR GRPO training set (34,194 rows; reasoning, chart type and table, some null)."),
-    DatasetSpec("chartqa", "hub", "HuggingFaceM4/ChartQA", "test", ("train", "val", "test"), _load_chartqa,
-                "ChartQA, human and augmented questions (subset); data_dir reads the original files."),
-    DatasetSpec("chartqa-pro", "hub", "ahmed-masry/ChartQAPro", "test", ("test",), _load_chartqa_pro,
-                "ChartQA-Pro, 1,948 questions; conversational history in the question; subset = Question Type."),
-    DatasetSpec("plotqa", "local", None, "test", ("train", "val", "test"), _load_plotqa,
-                "PlotQA from local qa_pairs_V2.json and png files; a seeded 5,000 by default.",
-                default_subset_size=PLOTQA_DEFAULT_SUBSET),
-    DatasetSpec("chartfc", "local", None, "test", ("train", "valid", "test"), _load_chartfc,
-                "ChartFC claims as yes/no questions, from local JSON and images."),
-    DatasetSpec("evochart", "local", None, "test", ("test",), _load_evochart,
-                "EvoChart-QA from local EvoChart-QA.json and png files."),
-    DatasetSpec("chartbench", "local", None, "test", ("test",), _load_chartbench,
-                "ChartBench test.jsonl, one example per conversation turn; subset = task."),
-    DatasetSpec("synthetic", "synthetic", None, "train", SYNTHETIC_SPLITS, _load_synthetic,
-                "Offline matplotlib charts of seeded random tables (64 by default).",
-                default_subset_size=SYNTHETIC_DEFAULT_SIZE),
-)}
+# The loader of every dataset in the catalog (nbhelpers.registry holds names, sources and splits).
+LOADERS: dict[str, Callable[..., datasets.Dataset]] = {
+    "chart-rvr-train": _load_chart_rvr_train, "chartqa": _load_chartqa, "chartqa-pro": _load_chartqa_pro,
+    "plotqa": _load_plotqa, "chartfc": _load_chartfc, "evochart": _load_evochart,
+    "chartbench": _load_chartbench, "synthetic": _load_synthetic,
+}
+DATASETS: dict[str, DatasetSpec] = {name: DatasetSpec(loader=LOADERS[name], **dataclasses.asdict(card))
+                                    for name, card in DATASET_CATALOG.items()}

@@ -1,4 +1,4 @@
-"""Model registry and loading: hub models, local folders, and two offline random models.
+"""Model loading: hub models, local folders, and two offline random models (names in nbhelpers.registry).
 
 * ``tiny-random``: a Qwen2.5-VL of a few hundred thousand parameters with a 512-token byte-level
   vocabulary (special tokens at small ids, set consistently in tokenizer and config), built from a
@@ -15,11 +15,12 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .registry import MODEL_REGISTRY, asset_dir, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -36,57 +37,7 @@ QWEN_SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_en
                        "<|video_pad|>": 151656}
 TINY_VOCAB_SIZE = 512
 TINY_WEIGHT_SEED = 1234
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 TOKENIZER_FILE = "tokenizer.json"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One registry entry: where the weights come from and what kind of model it is."""
-
-    name: str
-    source: str  # hub | random | asset (a folder in nbhelpers/assets)
-    hub_id: str | None
-    description: str
-
-
-MODEL_REGISTRY: dict[str, ModelSpec] = {
-    "qwen2-5-3b": ModelSpec("qwen2-5-3b", "hub", "Qwen/Qwen2.5-VL-3B-Instruct", "Qwen2.5-VL 3B Instruct"),
-    "qwen2-5-7b": ModelSpec("qwen2-5-7b", "hub", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen2.5-VL 7B Instruct"),
-    "tiny-random": ModelSpec("tiny-random", "random", None,
-                             "offline Qwen2.5-VL, <1M random parameters, 512-token byte vocabulary"),
-    "qwen2-5-3b-random": ModelSpec("qwen2-5-3b-random", "random", None,
-                                   "Qwen2.5-VL-3B architecture, random weights (benchmarks)"),
-    "tiny-pretrained": ModelSpec("tiny-pretrained", "asset", None,
-                                 "offline Qwen2.5-VL pretrained by chartrl on synthetic charts (~5M parameters)"),
-}
-
-
-def asset_dir(name: str) -> Path:
-    """The folder of a shipped (asset) model."""
-    return ASSETS_DIR / name
-
-
-def resolve_model(name: str) -> tuple[str, str]:
-    """Registry name or local folder -> (kind, location). kind is hub, random, asset or local."""
-    if name in MODEL_REGISTRY:
-        spec = MODEL_REGISTRY[name]
-        if spec.source == "asset":
-            folder = asset_dir(name)
-            if not (folder / "config.json").is_file():
-                raise ValueError(f"vlm_name '{name}': its shipped weights are missing from {folder} "
-                                 f"(regenerate them with tools/pretrain_tiny.py)")
-            return ("asset", str(folder))
-        return (spec.source, spec.hub_id or name)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-            raise ValueError(f"vlm_name '{name}': folder has neither config.json nor adapter_config.json")
-        return ("local", str(path))
-    if "/" in name and not path.exists() and not name.startswith((".", "/")):
-        return ("hub", name)
-    raise ValueError(f"vlm_name '{name}' is neither a registered model ({', '.join(MODEL_REGISTRY)}) "
-                     f"nor an existing folder")
 
 
 # --------------------------------------------------------------------------- tokenizers / processors

@@ -330,6 +330,26 @@ def run_labels(runs: Sequence[str | os.PathLike], labels: Sequence[str] | None =
     return labels
 
 
+def run_title(run_dir: str | os.PathLike) -> str:
+    """"<mode>, <model>, seed <seed>" from the run's config.yaml; the folder name where there is none."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    try:
+        config = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("config", {})
+        return f"{config['mode']}, {Path(str(config['vlm_name'])).name}, seed {config['seed']}"
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError, KeyError):
+        return Path(run_dir).name
+
+
+def training_curves(run_dir: str | os.PathLike):
+    """The run's training curves, titled with its mode, model and seed, also written to
+    ``training_curves.png`` in the run folder (training itself prints and writes the summary)."""
+    run_dir = Path(run_dir)
+    return plot_training_curves(read_run(run_dir), title=run_title(run_dir),
+                                save_to=run_dir / "training_curves.png")
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 
@@ -347,9 +367,10 @@ def run_from_cli(args: argparse.Namespace) -> int:
     labels = run_labels(args.runs, args.labels)
     frames = {label: read_run(run) for label, run in zip(labels, args.runs)}
     summaries = [summarize_run(frame, label) for label, frame in frames.items()]
-    for summary in summaries:
+    for summary, run in zip(summaries, args.runs):
         write_summary(summary, args.out / summary.label)
-        plot_training_curves(frames[summary.label], save_to=args.out / summary.label / "training_curves.png")
+        plot_training_curves(frames[summary.label], title=run_title(run),
+                             save_to=args.out / summary.label / "training_curves.png")
     comparison = compare_runs(summaries)
     comparison.insert(1, "run_dir", [str(run) for run in args.runs])
     comparison.to_csv(args.out / "comparison.csv", index=False)

@@ -73,16 +73,3 @@ def mode_statistics(mode: str, correct: torch.Tensor, keep: torch.Tensor, reward
         "total_reward": float(rewards.float().mean()) if rewards.numel() else 0.0,
         "accuracy": float(correct.float().mean()) if correct.numel() else 0.0,
     }
-
-
-def format_mode_line(mode: str, step: int, stats: dict[str, float]) -> str:
-    """The seeds' console line, e.g. ``NSR [step 10]: 3/4 negative samples | mean reward 4.12``."""
-    n = int(stats["samples"])
-    if mode == "psr":
-        kept = f"{int(stats['kept_positive'])}/{n} positive samples"
-    elif mode == "nsr":
-        kept = f"{int(stats['kept_negative'])}/{n} negative samples"
-    else:
-        kept = f"{int(stats['kept_positive'])} positive + {int(stats['kept_negative'])} negative of {n} samples"
-    empty = " | empty step (no-op)" if stats["empty"] else ""
-    return f"{mode.upper()} [step {step}]: {kept} | mean reward {stats['total_reward']:.2f}{empty}"

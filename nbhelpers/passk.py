@@ -19,9 +19,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from .errors import InputError
 
 SAMPLES_FIELDS = ("id", "dataset", "question", "answer", "completions", "correct")
 CI_LEVEL = 0.95
@@ -107,65 +109,93 @@ class ProblemCounts:
 
 def _problem_from_record(record, where: str) -> ProblemCounts:
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
     missing = [name for name in SAMPLES_FIELDS if name not in record]
     if missing:
-        raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+        raise InputError(f"{where}: missing field(s) {', '.join(missing)}")
     problem_id, dataset = record["id"], record["dataset"]
     if isinstance(problem_id, bool) or not isinstance(problem_id, (str, int)):
-        raise ValueError(f"{where}: field 'id' must be a string or an integer, got {problem_id!r}")
+        raise InputError(f"{where}: field 'id' must be a string or an integer, got {problem_id!r}")
     if not isinstance(dataset, str) or not dataset:
-        raise ValueError(f"{where}: field 'dataset' must be a non-empty string, got {dataset!r}")
+        raise InputError(f"{where}: field 'dataset' must be a non-empty string, got {dataset!r}")
     completions, correct = record["completions"], record["correct"]
     if not isinstance(completions, list) or not all(isinstance(x, str) for x in completions):
-        raise ValueError(f"{where}: field 'completions' must be a list of strings")
+        raise InputError(f"{where}: field 'completions' must be a list of strings")
     if not isinstance(correct, list):
-        raise ValueError(f"{where}: field 'correct' must be a list of booleans")
+        raise InputError(f"{where}: field 'correct' must be a list of booleans")
     not_bool = [i for i, x in enumerate(correct) if not isinstance(x, bool)]
     if not_bool:
-        raise ValueError(f"{where}: field 'correct' must hold booleans; item {not_bool[0]} is "
+        raise InputError(f"{where}: field 'correct' must hold booleans; item {not_bool[0]} is "
                          f"{correct[not_bool[0]]!r}")
     if len(correct) != len(completions):
-        raise ValueError(f"{where}: len(correct)={len(correct)} differs from "
+        raise InputError(f"{where}: len(correct)={len(correct)} differs from "
                          f"len(completions)={len(completions)}")
     if not correct:
-        raise ValueError(f"{where}: problem {problem_id!r} has no samples")
+        raise InputError(f"{where}: problem {problem_id!r} has no samples")
     if "meta" in record and not isinstance(record["meta"], dict):
-        raise ValueError(f"{where}: field 'meta' must be an object")
+        raise InputError(f"{where}: field 'meta' must be an object")
     return ProblemCounts(dataset, str(problem_id), len(correct), sum(correct), where)
+
+
+def samples_lines(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
+    """("<file>:<line>", text) of each non-empty line of a samples file, text with its newline.
+    InputError naming the file (a folder) or the file and line (bytes that are not UTF-8)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a samples file (JSON Lines)")
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise InputError(f"{path}:{number}: not UTF-8 text (byte {error.start + 1} of the line)") from None
+            if line.strip():
+                yield f"{path}:{number}", line
 
 
 def read_samples(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[ProblemCounts]:
     """Read one or more samples files (``.jsonl``, or gzip-compressed ``.jsonl.gz``) into per-problem
     counts, in file order.
 
-    Raises ValueError naming the file and line for a bad JSON line, a missing field, a
+    Raises InputError naming the file and line for a bad JSON line, a missing field, a
     non-boolean `correct`, len(correct) != len(completions), or a truncated last line.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     problems: list[ProblemCounts] = []
     for path in paths:
         count_before = len(problems)
-        opener = gzip.open if str(path).endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    if not line.endswith("\n"):  # only the last line can lack its newline
-                        raise ValueError(
-                            f"{where}: the last line is truncated (no newline at the end and not valid "
-                            f"JSON), so the sampling run stopped mid-write; rerun sampling on this file "
-                            f"to repair it (it drops the partial line and resumes), or call "
-                            f"nbhelpers.sampling.repair_samples_file on it") from error
-                    raise ValueError(f"{where}: not valid JSON: {error.msg} at column {error.colno}") from error
-                problems.append(_problem_from_record(record, where))
+        for where, line in samples_lines(path):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                if not line.endswith("\n"):  # only the last line can lack its newline
+                    raise InputError(
+                        f"{where}: the last line is truncated (no newline at the end and not valid "
+                        f"JSON), so the sampling run stopped mid-write; rerun sampling on this file "
+                        f"to repair it (it drops the partial line and resumes), or call "
+                        f"nbhelpers.sampling.repair_samples_file on it") from None
+                raise InputError(f"{where}: not valid JSON: {error.msg} at column {error.colno}") from None
+            problems.append(_problem_from_record(record, where))
         if len(problems) == count_before:
-            raise ValueError(f"{path}: the samples file holds no problems")
+            raise InputError(f"{path}: the samples file holds no problems")
     return problems
+
+
+def check_resumable_samples(path: str | os.PathLike) -> None:
+    """Before sampling resumes ``path`` (when it exists): every complete line is a samples record. A
+    last line without its newline is left alone (sampling cuts it). InputError naming file and line."""
+    if not Path(path).exists():
+        return
+    for where, line in samples_lines(path):
+        if not line.endswith("\n"):
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{where}: not valid JSON: {error.msg} at column {error.colno}; this samples "
+                             f"file cannot be resumed (fix the line or choose another file)") from None
+        _problem_from_record(record, where)
 
 
 def _check_problem_set(problems: Sequence[ProblemCounts], allow_mixed_n: bool) -> tuple[list[int], dict]:

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, NullLocator, PercentFormatter
+from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, PercentFormatter
 
 from .passk import load_results
 
@@ -81,13 +81,23 @@ def _log2_k_axis(ax, ks: Sequence[int]) -> None:
     ax.xaxis.set_major_locator(FixedLocator(sorted(set(int(k) for k in ks))))
     ax.xaxis.set_major_formatter(lambda value, _: f"{value:g}")
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xlabel("k")
+    ax.set_xlabel("k (log2 scale)")
 
 
 def _percent_limits(ax, low: float, high: float) -> None:
     pad = max(0.02, 0.05 * (high - low))
     ax.set_ylim(max(0.0, low - pad), min(1.0, high + pad))
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+
+
+def passk_extremes(tables: Mapping[str, Mapping], dataset: str | None = None, show_ci: bool = True) -> tuple[float, float]:
+    """Smallest and largest Pass@k (and interval ends with ``show_ci``) over every method and k: the
+    range the curves and the bar chart share."""
+    extremes = []
+    for label, results in tables.items():
+        _, values, lows, highs = passk_table(results, label, dataset)
+        extremes += [values.min(), values.max()] + ([lows.min(), highs.max()] if show_ci else [])
+    return min(extremes), max(extremes)
 
 
 def _draw_curves(ax, tables: Mapping[str, Mapping], dataset, show_ci: bool, k_range) -> None:
@@ -108,7 +118,8 @@ def _draw_curves(ax, tables: Mapping[str, Mapping], dataset, show_ci: bool, k_ra
     if not plotted_ks:
         raise ValueError(f"no k inside the range {k_range}")
     _log2_k_axis(ax, plotted_ks)
-    _percent_limits(ax, min(extremes), max(extremes))
+    _percent_limits(ax, *((min(extremes), max(extremes)) if k_range is not None else
+                          passk_extremes(tables, dataset, show_ci)))
     ax.set_ylabel("Pass@k")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
@@ -202,8 +213,7 @@ def plot_passk_bars(results: Sequence[ResultsLike], labels: Sequence[str] | None
         ax.bar(positions + (index - (len(tables) - 1) / 2) * width, values[rows], width,
                yerr=errors, capsize=3, label=label)
     ax.set_xticks(positions, [f"k={k}" for k in ks])
-    ax.set_ylim(0.0, 1.0)
-    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+    _percent_limits(ax, *passk_extremes(tables, dataset, show_ci))  # the scale of the Pass@k curves
     ax.set_ylabel("Pass@k")
     ax.set_title(f"Pass@k at chosen k ({dataset or 'all datasets'})")
     ax.legend(fontsize="small")
@@ -235,6 +245,27 @@ def training_panels(columns: Sequence[str]) -> list[tuple[str, list[str]]]:
             if any(c in present for c in cols)]
 
 
+# y-axis label of each default panel (by title); a single-metric panel is labelled with its metric.
+PANEL_YLABELS = {"loss": "loss", "learning rate": "learning rate", "gradient norm": "L2 norm",
+                 "mean total reward": "weighted reward sum", "mean reward per function": "mean reward",
+                 "accuracy": "fraction correct", "samples kept per step": "samples",
+                 "empty steps (cumulative)": "steps"}
+
+
+def _ylabel(panel_title: str, column: str) -> str:
+    if panel_title in PANEL_YLABELS:
+        return PANEL_YLABELS[panel_title]
+    if column.startswith("rewards/"):
+        return "mean reward"
+    return "samples" if column.startswith("mode/kept_") else _short_name(column)
+
+
+def _one_panel_per_column(panels: list[tuple[str, list[str]]]) -> list[tuple[str, list[str]]]:
+    """Panels of several columns split into one panel per column (several runs share each panel)."""
+    return [(f"{_short_name(column)}" if len(columns) > 1 else title, [column])
+            for title, columns in panels for column in columns]
+
+
 def _short_name(column: str) -> str:
     """`rewards/format_reward/mean` -> `format_reward`, `mode/kept_positive` -> `kept_positive`."""
     return column.removeprefix("rewards/").removesuffix("/mean").removeprefix("mode/")
@@ -242,12 +273,15 @@ def _short_name(column: str) -> str:
 
 def plot_training_curves(runs: pd.DataFrame | Mapping[str, pd.DataFrame], *,
                          metrics: Sequence[str] | None = None, smoothing: int = 1,
-                         save_to=None) -> Figure:
-    """Training metrics against step for one run (a DataFrame with a `step` column, as
+                         title: str | None = None, save_to=None) -> Figure:
+    """Training metrics against the optimizer step for one run (a DataFrame with a `step` column, as
     `monitor.read_run` gives) or several ({label: DataFrame}).
 
-    metrics: column names, one panel each; default: the panels of `training_panels`.
-    smoothing: rolling-mean window in logged points (1 = raw).
+    metrics: column names, one panel each; default: the panels of `training_panels` (with several
+    runs, one panel per reward and per kept-sample count, so that the legend lists only the runs).
+    smoothing: rolling-mean window in logged points (1 = raw). title: above all panels, e.g. the
+    run's mode, model and seed. Legends never cover the curves: the runs' legend is above the panels,
+    a panel's own legend (one run, several columns) right of it.
     """
     runs = {"run": runs} if isinstance(runs, pd.DataFrame) else dict(runs)
     if not runs:
@@ -264,10 +298,14 @@ def plot_training_curves(runs: pd.DataFrame | Mapping[str, pd.DataFrame], *,
         if unknown:
             raise ValueError(f"metric(s) {unknown} not in the logs (columns: {columns})")
         panels = [(metric, [metric]) for metric in metrics]
+    if len(runs) > 1:
+        panels = _one_panel_per_column(panels)
     n_columns = min(2, len(panels))
     n_rows = math.ceil(len(panels) / n_columns)
-    figure = Figure(figsize=(5.6 * n_columns, 3.2 * n_rows), layout="constrained")
-    for index, (title, panel_columns) in enumerate(panels, start=1):
+    figure = Figure(figsize=(6.4 * n_columns, 3.2 * n_rows), layout="constrained")
+    if title:
+        figure.suptitle(title)
+    for index, (panel_title, panel_columns) in enumerate(panels, start=1):
         ax = figure.add_subplot(n_rows, n_columns, index)
         for label, frame in runs.items():
             for column in panel_columns:
@@ -278,11 +316,17 @@ def plot_training_curves(runs: pd.DataFrame | Mapping[str, pd.DataFrame], *,
                 parts = ([label] if len(runs) > 1 else []) + ([_short_name(column)] if len(panel_columns) > 1 else [])
                 name = ": ".join(parts) or label
                 ax.plot(series["step"], values, label=name)
-        ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_title(panel_title)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(_ylabel(panel_title, panel_columns[0]))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
-        if len(runs) > 1 or len(panel_columns) > 1:
-            ax.legend(fontsize="x-small")
+        if len(panel_columns) > 1:
+            ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    if len(runs) > 1:  # one legend of the runs for all panels, above them
+        handles = {line.get_label(): line for ax in figure.axes for line in ax.get_lines()}
+        figure.legend(list(handles.values()), list(handles), loc="outside upper center",
+                      ncols=min(len(handles), 3), fontsize="small")
     return _finish(figure, save_to)
 
 
@@ -295,7 +339,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", nargs="+", required=True, type=Path, help="results files (JSON)")
     parser.add_argument("--labels", nargs="+", default=None, help="one label per results file (default: method names)")
     parser.add_argument("--out", required=True, type=Path, help="figure to write (.png or .svg)")
-    parser.add_argument("--kind", choices=PLOT_KINDS, default="curves")
+    parser.add_argument("--kind", choices=PLOT_KINDS, default="curves",
+                        help=f"figure: {', '.join(PLOT_KINDS)} (default: curves)")
     parser.add_argument("--baseline", default=None,
                         help="label of the baseline for --kind improvement (default: the first)")
     parser.add_argument("--ks", nargs="+", type=int, default=[1, 8, 64], help="k values for --kind bars")

@@ -162,8 +162,9 @@ def load_for_sampling(cfg: RunConfig, checkpoint: str | None, max_pixels: int):
 
 
 def _progress(desc: str, total: int | None = None, iterable=None):
-    """A tqdm bar over problems (count, rate and ETA)."""
-    from tqdm.auto import tqdm
+    """A text tqdm bar over problems (count, rate and ETA). Text, not a widget: a notebook saved after a
+    headless run keeps the bar's last state (a widget bar's saved text stays at 0%)."""
+    from tqdm import tqdm
 
     return tqdm(iterable, total=total, desc=desc, unit="problem", dynamic_ncols=True)
 

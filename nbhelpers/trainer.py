@@ -24,17 +24,21 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_callback import ProgressCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from .config import ConfigError, RunConfig, estimate_training_steps, save_resolved_config
-from .objectives import compute_advantages, format_mode_line, mode_statistics
+from .objectives import compute_advantages, mode_statistics
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +183,6 @@ class ChartRLTrainer(GRPOTrainer):
         metrics["mode/empty_step"].append(stats["empty"])  # 0 or 1; a logging window logs the fraction
         metrics["mode/total_reward"].append(stats["total_reward"])
         metrics["mode/accuracy"].append(stats["accuracy"])
-        step = self.state.global_step + 1
-        if train and self.accelerator.is_main_process and (
-                step == 1 or step % max(1, self.args.logging_steps) == 0):
-            print(format_mode_line(self.mode, step, stats), flush=True)
 
 
 def without_left_out_rows(batch: dict[str, Any]) -> dict[str, Any]:
@@ -207,12 +207,36 @@ def without_left_out_rows(batch: dict[str, Any]) -> dict[str, Any]:
     return unsplit_pixel_values_by_grid({key: pick(value) for key, value in split_pixel_values_by_grid(batch).items()})
 
 
-class EtaCallback(TrainerCallback):
-    """Prints the step estimate before training and an ETA from measured step times at each log."""
+def format_log_line(mode: str, step: int, max_steps: int, logs: dict[str, Any], seconds_per_step: float) -> str:
+    """One console line per logging step, e.g. ``NSR [step 10/40] loss 0.012 | reward 1.85 | accuracy 25% |
+    kept 0 correct + 3.5 incorrect per batch | 0% empty steps | 2.10 s/step, ETA 0:01:03``. Rewards and
+    kept counts are means over the logging window; missing values are left out."""
+    parts = []
+    if "loss" in logs:
+        parts.append(f"loss {logs['loss']:.4g}")
+    if "reward" in logs:
+        parts.append(f"reward {logs['reward']:.2f}")
+    if "mode/accuracy" in logs:
+        parts.append(f"accuracy {logs['mode/accuracy']:.0%}")
+    if "mode/kept_positive" in logs and "mode/kept_negative" in logs:
+        parts.append(f"kept {logs['mode/kept_positive']:.3g} correct + {logs['mode/kept_negative']:.3g} incorrect "
+                     "per batch")
+    if "mode/empty_step" in logs:
+        parts.append(f"{logs['mode/empty_step']:.0%} empty steps")
+    remaining = max(max_steps - step, 0) * seconds_per_step
+    parts.append(f"{seconds_per_step:.2f} s/step, ETA {_hms(remaining)}")
+    return f"{mode.upper()} [step {step}/{max_steps}] " + " | ".join(parts)
 
-    def __init__(self) -> None:
+
+class StepLineCallback(TrainerCallback):
+    """Prints the step range before training and :func:`format_log_line` at each logging step (once per
+    step: the end-of-training summary log at the same step prints nothing)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
         self.start: float | None = None
         self.start_step = 0
+        self.printed_step: int | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start, self.start_step = time.monotonic(), state.global_step
@@ -221,12 +245,30 @@ class EtaCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         done = state.global_step - self.start_step
-        if not state.is_world_process_zero or self.start is None or done <= 0:
+        if not state.is_world_process_zero or self.start is None or done <= 0 \
+                or state.global_step == self.printed_step or "train_runtime" in (logs or {}):
             return
+        self.printed_step = state.global_step
         per_step = (time.monotonic() - self.start) / done
-        remaining = max(state.max_steps - state.global_step, 0) * per_step
-        print(f"[step {state.global_step}/{state.max_steps}] {per_step:.2f} s/step, ETA {_hms(remaining)}",
-              flush=True)
+        from tqdm import tqdm  # writes above a running terminal bar instead of through it
+
+        tqdm.write(format_log_line(self.mode, state.global_step, state.max_steps, logs or {}, per_step))
+
+
+class TensorBoardNumbers(TensorBoardCallback):
+    """TensorBoard logging without the values TRL logs as None (a metric with no valid value in the
+    window, such as clip_ratio/low_min of a psr step with no kept token), which a scalar cannot hold."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        numbers = {key: value for key, value in (logs or {}).items() if value is not None}
+        return super().on_log(args, state, control, logs=numbers, **kwargs)
+
+
+class QuietProgressCallback(ProgressCallback):
+    """transformers' terminal progress bar without its raw log dict (StepLineCallback prints a readable line)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return None
 
 
 def _hms(seconds: float) -> str:
@@ -260,7 +302,7 @@ def grpo_config(cfg: RunConfig, run_dir: Path, dtype: str, use_cpu: bool, deepsp
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, reward_weights=reward_weights(reward_settings(cfg)),
         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
         save_strategy="steps", report_to=_report_to(cfg), bf16=(dtype == "bf16"), fp16=(dtype == "fp16"),
-        gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=use_cpu, deepspeed=deepspeed_file,
+        activation_checkpointing=cfg.gradient_checkpointing, use_cpu=use_cpu, deepspeed=deepspeed_file,
         remove_unused_columns=False, dataloader_num_workers=0, log_completions=False,
         use_vllm=(cfg.rollout_engine == "vllm"),
         disable_tqdm=False,
@@ -315,10 +357,16 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list |
         train_dataset = data.to_trl_dataset(examples, cfg.max_pixels)
     if model is None:
         # Random and shipped models are built straight on this process's GPU (seconds, not minutes of CPU
-        # init). They have no hub repository, so hub look-ups (PEFT checks the base model's files when saving) stay off.
+        # init). They have no hub repository, so hub look-ups (PEFT checks the base model's files when
+        # saving) stay off.
         random_model = models.resolve_model(cfg.vlm_name)[0] in ("random", "asset")
         if random_model:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            # Offline, PEFT cannot look up the base model's config when saving an adapter and warns that it
+            # assumes an unchanged vocabulary; a random or shipped registry model has no hub config, and LoRA never
+            # resizes its vocabulary, so the assumption holds.
+            warnings.filterwarnings("ignore", category=UserWarning,
+                                    message=f"Could not find a config file in {re.escape(cfg.vlm_name)} ")
         device = PartialState().device if random_model else "cpu"
         model = models.load_model(cfg.vlm_name, models.torch_dtype(dtype), device=device,
                                   attn_implementation=cfg.attn_implementation)
@@ -327,18 +375,19 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list |
     use_cpu = not torch.cuda.is_available()
     deepspeed_file = _in_process_deepspeed_file(cfg, use_cpu)
     args = grpo_config(cfg, run_dir, dtype, use_cpu, deepspeed_file)
-    all_callbacks = [EtaCallback(), *(callbacks or [])]
+    all_callbacks = [StepLineCallback(cfg.mode), *(callbacks or [])]
     if "tensorboard" in cfg.report_to and PartialState().is_main_process:
         from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
 
-        all_callbacks.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(run_dir / "logs"))))
+        all_callbacks.append(TensorBoardNumbers(tb_writer=SummaryWriter(log_dir=str(run_dir / "logs"))))
     trainer = ChartRLTrainer(
         model=model, reward_funcs=build_reward_functions(cfg), args=args, train_dataset=train_dataset,
         processing_class=processor, peft_config=peft_config, callbacks=all_callbacks,
         mode=cfg.mode, lambda_psr=cfg.lambda_psr, reward_threshold=cfg.reward_threshold,
         correctness_from=cfg.correctness_from, rollout_engine=cfg.rollout_engine)
     trainer.run_config = cfg
+    if trainer.pop_callback(ProgressCallback) is not None:  # the terminal bar (a notebook's shows a table)
+        trainer.add_callback(QuietProgressCallback)
     return trainer
 
 
@@ -523,5 +572,5 @@ def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
     return run_dir
 
 
-__all__ = ["ChartRLTrainer", "EtaCallback", "build_trainer", "check_run_identity", "grpo_config", "train",
-           "persistent_store", "SEQUENCE_AVERAGED_LOSSES"]
+__all__ = ["ChartRLTrainer", "StepLineCallback", "format_log_line", "build_trainer", "check_run_identity",
+           "grpo_config", "train", "persistent_store", "SEQUENCE_AVERAGED_LOSSES"]

@@ -176,8 +176,9 @@ class PassKExplorer(_Explorer):
                                  show_ci=self.show_ci.value, k_range=self.k_range.value)
 
     def _static_views(self) -> dict[str, Figure]:
-        """All methods, full k range, with intervals: overall and per shared dataset."""
-        views = {"passk_all": plot_passk_curves(list(self.results.values()), list(self.results))}
+        """All methods, full k range, with intervals: overall (the figure 30_passk saves as
+        passk_curves.png, so saving both writes one file) and per shared dataset."""
+        views = {"passk_curves": plot_passk_curves(list(self.results.values()), list(self.results))}
         for dataset in self.datasets:
             views[f"passk_{dataset}"] = plot_passk_curves(list(self.results.values()), list(self.results),
                                                           dataset=dataset)

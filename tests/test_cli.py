@@ -35,6 +35,32 @@ def test_train_help_keeps_the_seed_flag_names():
         assert flag in out, flag
 
 
+def test_top_level_help_is_plain_text():
+    out = cli("--help").stdout
+    assert "``" not in out and ":func:" not in out and ":class:" not in out
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "eval", "batch"])
+def test_help_lists_the_presets_platforms_and_names(command):
+    from nbhelpers.config import MODES, parameter_names
+    from nbhelpers.registry import DATASET_NAMES
+
+    out = " ".join(cli(command, "--help").stdout.split())  # argparse wraps lines
+    names = parameter_names("presets") + parameter_names("platforms")
+    names += list(MODES) if command in ("train", "batch") else []
+    names += list(DATASET_NAMES) if command != "batch" else []
+    for name in names:
+        assert name in out, name
+    assert "--preset" in out and "--platform" in out
+
+
+def test_flag_help_is_the_key_documentation():
+    from nbhelpers.config import field_help
+
+    out = " ".join(cli("train", "--help").stdout.split())
+    assert " ".join(field_help("num_generations").split()) in out
+
+
 @pytest.mark.parametrize("args,words", [
     (["--mode", "ppo"], ["'mode'", "command-line flag"]),
     (["--set", "learnin_rate=1"], ["unknown key 'learnin_rate'", "--set"]),

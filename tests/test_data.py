@@ -524,3 +524,10 @@ def test_examples_to_dataset_rejects_keys_outside_the_schema(bad, message):
 def test_to_trl_dataset_names_missing_schema_columns():
     with pytest.raises(DatasetFormatError, match=r"lacks the schema column\(s\) \['id', 'image', 'answer'"):
         data.to_trl_dataset(datasets.Dataset.from_dict({"question": ["q"]}), max_pixels=28 * 28 * 4)
+
+
+def test_catalog_splits_of_synthetic_are_the_generator_splits():
+    from nbhelpers.registry import DATASET_CATALOG
+    from nbhelpers.synthetic import SYNTHETIC_SPLITS
+
+    assert DATASET_CATALOG["synthetic"].splits == SYNTHETIC_SPLITS

@@ -248,3 +248,19 @@ def test_monitor_cli_writes_summaries_comparison_and_curves(tmp_path, capsys):
 def test_run_labels_are_checked(runs, labels, message):
     with pytest.raises(ValueError, match=message):
         monitor.run_labels(runs, labels)
+
+
+def test_training_curves_of_a_run_are_titled_with_mode_model_and_seed(tmp_path):
+    from nbhelpers.config import load_config, save_resolved_config
+
+    run = tmp_path / "run"
+    write_trainer_state(run)
+    save_resolved_config(load_config(overrides={"mode": "nsr", "seed": 3}), run)
+    figure = monitor.training_curves(run)
+    assert figure.get_suptitle() == "nsr, tiny-random, seed 3"
+    assert (run / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_title_falls_back_to_the_folder_name(tmp_path):
+    write_trainer_state(tmp_path / "my-run")
+    assert monitor.run_title(tmp_path / "my-run") == "my-run"

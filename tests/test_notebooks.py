@@ -1,5 +1,5 @@
 """The notebooks (stored clean, a parameters cell, short calls explained by markdown, parameters
-listed by papermill), the session and launch helpers they call, and headless runs: 00_setup, a bad
+listed by papermill), the notebook helpers they call (runtime, install, drive, params, sampling_setup, comparison, launch), and headless runs: 00_setup, a bad
 parameter stopping 10_train in its configuration step, and the accelerate launch path. 10_train,
 20_generate and 30_passk run for all four modes in tests/test_batch.py."""
 
@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 import nbtools
-from nbhelpers import launch, session
+from nbhelpers import comparison, drive, install, launch, params, runtime, sampling_setup
 from nbhelpers.config import FIELDS, REPO_ROOT, ConfigError, load_config
-from nbhelpers.platform import GPUInfo, PlatformInfo
+from nbhelpers.platform import GPUInfo, PlatformInfo, detect_platform
 from nbhelpers.sync import write_manifest
 
 SAMPLING_KEYS = {"eval_dataset", "eval_split", "n_samples", "max_problems", "sample_temperature", "sample_top_p",
@@ -102,12 +102,12 @@ def test_papermill_help_lists_every_parameter(name):
     assert names and set(names) <= listed, set(names) - listed
 
 
-# ------------------------------------------------------------------------------------------ session: configuration
+# ------------------------------------------------------------------------------------------ params: configuration
 def test_notebook_config_applies_mode_preset_platform_then_parameters():
-    cfg = session.notebook_config("nsr", "smoke", "local-cpu", subset_size=4, learning_rate=None)
+    cfg = params.notebook_config("nsr", "smoke", "local-cpu", subset_size=4, learning_rate=None)
     assert (cfg.mode, cfg.vlm_name, cfg.dtype, cfg.subset_size) == ("nsr", "tiny-random", "fp32", 4)
     assert cfg.learning_rate == 0.001  # None keeps the preset's value
-    assert cfg._sources["subset_size"] == session.PARAMETER_SOURCE
+    assert cfg._sources["subset_size"] == params.PARAMETER_SOURCE
     assert cfg._sources["mode"].endswith("modes/nsr.yaml")
     assert cfg._sources["dtype"].endswith("platforms/local-cpu.yaml")
 
@@ -115,12 +115,12 @@ def test_notebook_config_applies_mode_preset_platform_then_parameters():
 def test_notebook_config_extra_files_apply_after_the_platform_file(tmp_path):
     extra = tmp_path / "mine.yaml"
     extra.write_text("dtype: bf16\nseed: 7\n")
-    cfg = session.notebook_config("grpo", "smoke", "local-cpu", params_files=str(extra), seed=9)
+    cfg = params.notebook_config("grpo", "smoke", "local-cpu", params_files=str(extra), seed=9)
     assert (cfg.dtype, cfg.seed) == ("bf16", 9)
 
 
 def test_notebook_config_detects_the_platform_when_none_is_given():
-    files = session.parameter_files("grpo", "smoke", None)
+    files = params.parameter_files("grpo", "smoke", None)
     assert files[-1].parent.name == "platforms"
     assert files[-1].stem in ("local-cpu", "colab-a100", "kaggle-2xt4")
 
@@ -140,16 +140,16 @@ BAD_PARAMETERS = [  # notebook_config arguments, words the ConfigError must cont
 def test_notebook_config_errors_name_the_key(arguments, words):
     arguments = {"mode": "grpo", "preset": "smoke", "platform": "local-cpu", **arguments}
     with pytest.raises(ConfigError) as info:
-        session.notebook_config(**arguments)
+        params.notebook_config(**arguments)
     for word in words:
         assert word in str(info.value), (word, str(info.value))
 
 
 def test_notebook_parameters_are_the_plain_globals():
-    namespace = {"mode": "psr", "subset_size": 4, "_hidden": 1, "session": session, "Path": Path,
+    namespace = {"mode": "psr", "subset_size": 4, "_hidden": 1, "params": params, "Path": Path,
                  "helper": lambda: None, "checkpoint": "run", "exit": print}
-    assert session.notebook_parameters(namespace) == {"mode": "psr", "subset_size": 4, "checkpoint": "run"}
-    assert session.notebook_parameters(namespace, exclude=["checkpoint"]) == {"mode": "psr", "subset_size": 4}
+    assert params.notebook_parameters(namespace) == {"mode": "psr", "subset_size": 4, "checkpoint": "run"}
+    assert params.notebook_parameters(namespace, exclude=["checkpoint"]) == {"mode": "psr", "subset_size": 4}
 
 
 @pytest.mark.parametrize("dataset,subset,expected", [
@@ -161,10 +161,10 @@ def test_notebook_parameters_are_the_plain_globals():
 def test_training_estimate(dataset, subset, expected):
     cfg = load_config([], {"dataset_name": dataset, "subset_size": subset,
                            "max_steps": 2 if dataset == "synthetic" else -1})
-    assert expected in session.training_estimate(cfg)
+    assert expected in params.training_estimate(cfg)
 
 
-# ------------------------------------------------------------------------------------------ session: runtime
+# ------------------------------------------------------------------------------------------ runtime, install, drive
 @pytest.mark.parametrize("gpus,preset", [
     ([], "smoke"),
     ([GPUInfo("small", 8.0, (8, 6))], "smoke"),
@@ -173,12 +173,12 @@ def test_training_estimate(dataset, subset, expected):
 ])
 def test_recommended_preset(gpus, preset):
     platform = PlatformInfo("local", gpus)
-    assert session.recommend_preset(platform) == preset
-    assert f'preset = "{preset}"' in session.recommendation(platform)
+    assert runtime.recommend_preset(platform) == preset
+    assert f'preset = "{preset}"' in runtime.recommendation(platform)
 
 
 def test_environment_report_names_memory_and_dtype():
-    report = session.environment_report(PlatformInfo("kaggle", [GPUInfo("Tesla T4", 14.6, (7, 5))]))
+    report = runtime.environment_report(PlatformInfo("kaggle", [GPUInfo("Tesla T4", 14.6, (7, 5))]))
     assert "fp16" in report and "Tesla T4" in report and "RAM:" in report and "/kaggle/working" in report
 
 
@@ -195,56 +195,56 @@ def test_install_requirements_runs_pip_once_per_runtime_on_colab(tmp_path):
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("pyyaml==6.0.3\n")
     pip = FakePip()
-    assert session.install_requirements("colab", requirements=requirements, marker_dir=tmp_path / "m", run=pip)
-    assert not session.install_requirements("colab", requirements=requirements, marker_dir=tmp_path / "m", run=pip)
+    assert install.install_requirements("colab", requirements=requirements, marker_dir=tmp_path / "m", run=pip)
+    assert not install.install_requirements("colab", requirements=requirements, marker_dir=tmp_path / "m", run=pip)
     assert pip.calls == [[sys.executable, "-m", "pip", "install", "-q", "-r", str(requirements)]]
     requirements.write_text("pyyaml==6.0.3\ntqdm==4.70.1\n")  # a changed file installs again
-    assert session.install_requirements("kaggle", requirements=requirements, marker_dir=tmp_path / "m", run=pip)
+    assert install.install_requirements("kaggle", requirements=requirements, marker_dir=tmp_path / "m", run=pip)
 
 
 @pytest.mark.parametrize("platform,enabled", [("local", True), ("colab", False)])
 def test_install_requirements_does_nothing_locally_or_when_disabled(tmp_path, platform, enabled):
     pip = FakePip()
-    assert not session.install_requirements(platform, enabled, marker_dir=tmp_path, run=pip)
+    assert not install.install_requirements(platform, enabled, marker_dir=tmp_path, run=pip)
     assert pip.calls == []
 
 
 def test_install_requirements_failure_shows_pip_output(tmp_path):
     with pytest.raises(RuntimeError, match="pip error text"):
-        session.install_requirements("kaggle", marker_dir=tmp_path, run=FakePip(returncode=1))
+        install.install_requirements("kaggle", marker_dir=tmp_path, run=FakePip(returncode=1))
     assert not list(tmp_path.iterdir())  # no marker: the next run tries again
 
 
 def test_mount_drive_locally_mounts_nothing(capsys):
-    assert session.mount_drive(PlatformInfo("local")) is None
+    assert drive.mount_drive(PlatformInfo("local")) is None
     assert "./runs" in capsys.readouterr().out
 
 
 def test_check_imports_names_every_failure():
     with pytest.raises(ImportError) as info:
-        session.check_imports({"yaml": "pyyaml", "no_such_module_xyz": "nothing"}, package_modules=("config", "nope"))
+        install.check_imports({"yaml": "pyyaml", "no_such_module_xyz": "nothing"}, package_modules=("config", "nope"))
     assert "no_such_module_xyz" in str(info.value) and "nbhelpers.nope" in str(info.value)
-    assert session.check_imports({"yaml": "pyyaml"}, package_modules=("config",)) == {
+    assert install.check_imports({"yaml": "pyyaml"}, package_modules=("config",)) == {
         "yaml": importlib.metadata.version("pyyaml"), "nbhelpers.config": "ok"}
 
 
-# ------------------------------------------------------------------------------------------ session: sampling
+# ------------------------------------------------------------------------------------------ sampling_setup
 @pytest.fixture
 def smoke_cfg(tmp_path):
-    return session.notebook_config("psr", "smoke", "local-cpu", output_root=str(tmp_path / "runs"))
+    return params.notebook_config("psr", "smoke", "local-cpu", output_root=str(tmp_path / "runs"))
 
 
 def test_checkpoint_none_is_the_base_model(smoke_cfg, tmp_path):
-    plan = session.sampling_plan(smoke_cfg, None)
+    plan = sampling_setup.sampling_plan(smoke_cfg, None)
     assert (plan.checkpoint, plan.method) == (None, "base")
     assert plan.samples_path == Path("samples/base_synthetic_n8.jsonl")
 
 
 def test_checkpoint_run_is_the_final_model_of_the_trained_run(smoke_cfg):
     with pytest.raises(FileNotFoundError, match="psr_tiny-random_synthetic_n8_s42"):
-        session.resolve_checkpoint(smoke_cfg, "run")
+        sampling_setup.resolve_checkpoint(smoke_cfg, "run")
     (smoke_cfg.run_dir() / "final").mkdir(parents=True)
-    plan = session.sampling_plan(smoke_cfg, "run", samples_path="s.jsonl")
+    plan = sampling_setup.sampling_plan(smoke_cfg, "run", samples_path="s.jsonl")
     assert plan.checkpoint == str(smoke_cfg.run_dir() / "final")
     assert (plan.method, plan.samples_path) == ("psr", Path("s.jsonl"))
 
@@ -256,11 +256,11 @@ def test_checkpoint_of_an_unfinished_run_is_its_newest_complete_checkpoint(smoke
         (run / f"checkpoint-{step}" / "adapter_model.safetensors").write_bytes(b"x" * step)
     write_manifest(run / "checkpoint-1")
     write_manifest(run / "checkpoint-2")  # checkpoint-3 has no manifest: incomplete
-    assert session.resolve_checkpoint(smoke_cfg, str(run)) == str(run / "checkpoint-2")
-    assert session.resolve_checkpoint(smoke_cfg, str(run / "checkpoint-1")) == str(run / "checkpoint-1")
+    assert sampling_setup.resolve_checkpoint(smoke_cfg, str(run)) == str(run / "checkpoint-2")
+    assert sampling_setup.resolve_checkpoint(smoke_cfg, str(run / "checkpoint-1")) == str(run / "checkpoint-1")
 
 
-# ------------------------------------------------------------------------------------------ session: Pass@k
+# ------------------------------------------------------------------------------------------ comparison: Pass@k
 @pytest.fixture
 def two_methods(tmp_path):
     return [str(nbtools.write_samples(tmp_path / f"{m}.jsonl", m, share, seed=i))
@@ -270,28 +270,28 @@ def two_methods(tmp_path):
 def test_load_methods_from_samples_writes_results_and_keeps_problems(two_methods, tmp_path):
     from nbhelpers.passk import load_results
 
-    methods = session.load_methods(two_methods, bootstrap=50, results_dir=tmp_path / "results")
+    methods = comparison.load_methods(two_methods, bootstrap=50, results_dir=tmp_path / "results")
     assert methods.labels == ["nsr", "grpo"]
     assert load_results(tmp_path / "results" / "grpo.json")["pass_at_k"] == methods.results[1]["pass_at_k"]
     assert set(methods.problems) == {"nsr", "grpo"}
-    frame = session.passk_frame(methods)
+    frame = comparison.passk_frame(methods)
     assert list(frame.columns) == ["pass@1", "pass@2", "pass@4", "pass@8"]
     assert frame.loc["grpo", "pass@1"] > frame.loc["nsr", "pass@1"]  # 60% vs 30% correct samples
-    assert session.baseline_label(methods, None) == "grpo"
-    assert "nsr - grpo (paired, 6 problems)" in session.paired_comparisons(methods, "grpo", bootstrap=50)
-    assert "grpo (synthetic)" in session.passk_tables(methods)
+    assert comparison.baseline_label(methods, None) == "grpo"
+    assert "nsr - grpo (paired, 6 problems)" in comparison.paired_comparisons(methods, "grpo", bootstrap=50)
+    assert "grpo (synthetic)" in comparison.passk_tables(methods)
 
 
 def test_method_labels_must_be_unique(two_methods):
     with pytest.raises(ValueError, match="unique"):
-        session.load_methods(two_methods, labels=["same", "same"], bootstrap=10)
+        comparison.load_methods(two_methods, labels=["same", "same"], bootstrap=10)
 
 
 def test_load_methods_from_results_has_no_paired_comparison(two_methods, tmp_path):
-    session.load_methods(two_methods, labels=["a", "b"], bootstrap=20, results_dir=tmp_path)
-    methods = session.load_methods(results_files=[tmp_path / "a.json", tmp_path / "b.json"])
+    comparison.load_methods(two_methods, labels=["a", "b"], bootstrap=20, results_dir=tmp_path)
+    methods = comparison.load_methods(results_files=[tmp_path / "a.json", tmp_path / "b.json"])
     assert methods.labels == ["a", "b"] and methods.problems == {}
-    assert "need samples files" in session.paired_comparisons(methods, "a")
+    assert "need samples files" in comparison.paired_comparisons(methods, "a")
 
 
 @pytest.mark.parametrize("arguments,message", [
@@ -301,7 +301,7 @@ def test_load_methods_from_results_has_no_paired_comparison(two_methods, tmp_pat
 ])
 def test_load_methods_rejects_ambiguous_inputs(arguments, message):
     with pytest.raises(ValueError, match=message):
-        session.load_methods(**arguments)
+        comparison.load_methods(**arguments)
 
 
 @pytest.mark.parametrize("ks,given,expected", [
@@ -311,29 +311,29 @@ def test_load_methods_rejects_ambiguous_inputs(arguments, message):
     (["1", "2", "4", "8"], [2, 8], [2, 8]),
 ])
 def test_bar_ks(ks, given, expected):
-    methods = session.Methods(["a"], [{"pass_at_k": {k: 0.5 for k in ks}}])
-    assert session.bar_ks(methods, given) == expected
+    methods = comparison.Methods(["a"], [{"pass_at_k": {k: 0.5 for k in ks}}])
+    assert comparison.bar_ks(methods, given) == expected
 
 
 def test_baseline_must_be_a_method():
-    methods = session.Methods(["psr", "nsr"], [{}, {}])
-    assert session.baseline_label(methods, None) == "psr"
+    methods = comparison.Methods(["psr", "nsr"], [{}, {}])
+    assert comparison.baseline_label(methods, None) == "psr"
     with pytest.raises(ValueError, match="'grpo' is not one of"):
-        session.baseline_label(methods, "grpo")
+        comparison.baseline_label(methods, "grpo")
 
 
 def test_improvement_needs_a_second_method(two_methods, tmp_path):
-    methods = session.load_methods(two_methods, bootstrap=10)
-    figure = session.plot_improvement(methods, "grpo", save_to=tmp_path / "improvement.png")
+    methods = comparison.load_methods(two_methods, bootstrap=10)
+    figure = comparison.plot_improvement(methods, "grpo", save_to=tmp_path / "improvement.png")
     assert [line.get_label() for line in figure.axes[0].get_lines()][0] == "nsr"
     assert (tmp_path / "improvement.png").stat().st_size > 0
-    alone = session.Methods(methods.labels[:1], methods.results[:1])
-    assert session.plot_improvement(alone, "nsr") is None
+    alone = comparison.Methods(methods.labels[:1], methods.results[:1])
+    assert comparison.plot_improvement(alone, "nsr") is None
 
 
 def test_figure_path():
-    assert session.figure_path(None, "a.png") is None
-    assert session.figure_path("figs", "a.png") == Path("figs/a.png")
+    assert comparison.figure_path(None, "a.png") is None
+    assert comparison.figure_path("figs", "a.png") == Path("figs/a.png")
 
 
 # ------------------------------------------------------------------------------------------ launch
@@ -350,7 +350,7 @@ def test_launch_command(processes, deepspeed, config_file):
 
 
 def test_launch_params_reproduce_the_configuration(tmp_path):
-    cfg = session.notebook_config("w-reinforce", "smoke", "kaggle-2xt4", lambda_psr=0.3,
+    cfg = params.notebook_config("w-reinforce", "smoke", "kaggle-2xt4", lambda_psr=0.3,
                                   output_root=str(tmp_path))
     path = launch.write_launch_params(cfg, tmp_path / "run")
     assert load_config([path]).to_dict() == cfg.to_dict()
@@ -424,13 +424,13 @@ def test_setup_notebook_runs_locally(tmp_path):
     notebook = nbtools.execute("00_setup", tmp_path / "00_setup.ipynb", {})
     text = nbtools.output_text(notebook)
     assert "local machine: nothing installed" in text
-    assert f'platform = "{session.detect_platform().recommended_platform_file}"' in text
+    assert f'platform = "{detect_platform().recommended_platform_file}"' in text
     assert "nbhelpers.trainer" in text and "torch" in text
 
 
 @pytest.mark.slow
 def test_launch_training_through_accelerate_on_cpu(tmp_path):
-    cfg = session.notebook_config("nsr", "smoke", "local-cpu", output_root=str(tmp_path / "runs"))
+    cfg = params.notebook_config("nsr", "smoke", "local-cpu", output_root=str(tmp_path / "runs"))
     out = io.StringIO()
     run_dir = launch.launch_training(cfg, run=lambda command, **kw: launch.run_streaming(command, out=out, **kw))
     assert (run_dir / "final" / "adapter_config.json").is_file()

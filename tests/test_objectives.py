@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nbhelpers.objectives import compute_advantages, format_mode_line, grpo_advantages, mode_statistics
+from nbhelpers.objectives import compute_advantages, grpo_advantages, mode_statistics
 
 C = [True, False, False, True]  # two groups of two
 R = [5.0, 1.0, 2.0, 6.0]
@@ -58,12 +58,12 @@ def test_bad_inputs_raise(args, match):
         compute_advantages(mode, torch.tensor(r), torch.tensor(c), g, *rest)
 
 
-def test_mode_statistics_and_console_line():
+def test_mode_statistics():
     correct = torch.tensor([True, False, False, False])
     adv, keep = compute_advantages("nsr", torch.tensor([4.0, 4.0, 4.12, 4.36]), correct, 4)
     stats = mode_statistics("nsr", correct, keep, torch.tensor([4.0, 4.0, 4.12, 4.36]))
     assert stats["kept_negative"] == 3 and stats["kept_positive"] == 0 and stats["empty"] == 0
-    assert format_mode_line("nsr", 10, stats) == "NSR [step 10]: 3/4 negative samples | mean reward 4.12"
+    assert stats["total_reward"] == pytest.approx(4.12)
     _, keep = compute_advantages("psr", torch.zeros(2), torch.zeros(2, dtype=torch.bool), 2)
     empty = mode_statistics("psr", torch.zeros(2, dtype=torch.bool), keep, torch.zeros(2))
-    assert empty["empty"] == 1 and "no-op" in format_mode_line("psr", 3, empty)
+    assert empty["empty"] == 1

@@ -38,6 +38,7 @@ def test_curves_lines_axes_and_labels(results):
     assert [line.get_label() for line in lines] == list(METHODS)
     assert legend_labels(ax) == list(METHODS)
     assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
+    assert "log2" in ax.get_xlabel()
     assert list(ax.get_xticks()) == KS
     assert isinstance(ax.yaxis.get_major_formatter(), PercentFormatter)
     for line, result in zip(lines, results):
@@ -115,7 +116,8 @@ def test_bars_at_chosen_k(results):
     expected = [r["pass_at_k"][str(k)] for r in results for k in (1, 4, 16)]
     np.testing.assert_allclose(heights, expected)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["k=1", "k=4", "k=16"]
-    assert ax.get_ylim() == (0.0, 1.0)
+    assert ax.get_ylim() == plots.plot_passk_curves(results).axes[0].get_ylim()  # the curves' scale
+    assert ax.get_ylim() != (0.0, 1.0)
     assert legend_labels(ax) == list(METHODS)
     with pytest.raises(ValueError, match=r"GRPO: no Pass@k for k=\[64\]"):
         plots.plot_passk_bars(results, ks=(1, 64))
@@ -163,7 +165,18 @@ def test_training_curves_default_panels_for_one_run():
     assert legend_labels(per_reward) == ["accuracy_reward", "format_reward"]
     assert [line.get_label() for line in figure.axes[6].get_lines()] == ["kept_positive", "kept_negative"]
     np.testing.assert_allclose(figure.axes[0].get_lines()[0].get_ydata(), 1 / np.arange(1, 21))
-    assert all(ax.get_xlabel() == "step" for ax in figure.axes)
+    assert all(ax.get_xlabel() == "optimizer step" for ax in figure.axes)
+    assert all(ax.get_ylabel() for ax in figure.axes)
+
+
+def test_training_curves_are_titled_with_integer_step_ticks():
+    log = training_log().iloc[:3]  # three steps: matplotlib alone would tick at 1.25, 1.5, ...
+    figure = plots.plot_training_curves(log, title="nsr, tiny-random, seed 3")
+    assert figure.get_suptitle() == "nsr, tiny-random, seed 3"
+    figure.canvas.draw()
+    for ax in figure.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
 
 
 def test_training_curves_compare_runs_and_smooth():
@@ -171,12 +184,16 @@ def test_training_curves_compare_runs_and_smooth():
     figure = plots.plot_training_curves(runs, metrics=["loss", "reward"], smoothing=3)
     assert [ax.get_title() for ax in figure.axes] == ["loss", "reward"]
     loss_ax = figure.axes[0]
-    assert legend_labels(loss_ax) == ["grpo", "nsr"]
+    assert loss_ax.get_legend() is None  # one legend of the runs above the panels, none over a curve
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["grpo", "nsr"]
     expected = pd.Series(2.0 / np.arange(1, 21)).rolling(3, min_periods=1).mean()
     np.testing.assert_allclose(loss_ax.get_lines()[1].get_ydata(), expected)
-    overview = plots.plot_training_curves(runs)
-    kept_ax = overview.axes[6]
-    assert [line.get_label() for line in kept_ax.get_lines()] == ["grpo: kept_positive", "grpo: kept_negative"]
+    overview = plots.plot_training_curves(runs)  # several runs: one panel per reward and per kept count
+    titles = [ax.get_title() for ax in overview.axes]
+    assert titles[4:6] == ["accuracy_reward", "format_reward"] and "kept_positive" in titles
+    kept_ax = overview.axes[titles.index("kept_positive")]
+    assert [line.get_label() for line in kept_ax.get_lines()] == ["grpo"]
+    assert all(ax.get_legend() is None for ax in overview.axes)
 
 
 def test_training_curves_fall_back_to_the_trainers_total_reward():

@@ -92,9 +92,9 @@ def test_passk_explorer_static_images(tmp_path, results):
     assert widgets.frontend_available() is False  # pytest runs outside a kernel
     explorer = widgets.passk_explorer(results, static_dir=tmp_path / "static")
     assert explorer.live is False
-    assert sorted(p.name for p in explorer.static_paths) == ["passk_ChartQA.png", "passk_PlotQA.png", "passk_all.png"]
+    assert sorted(p.name for p in explorer.static_paths) == ["passk_ChartQA.png", "passk_PlotQA.png", "passk_curves.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in explorer.static_paths)
-    assert [line.get_label() for line in explorer.static_figures["passk_all"].axes[0].get_lines()] == [
+    assert [line.get_label() for line in explorer.static_figures["passk_curves"].axes[0].get_lines()] == [
         "GRPO", "NSR", "PSR"]
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Dependencies of tests/test_browser.py outside PyPI: Debian's Chromium and its chromedriver (apt). The
-# Selenium bindings are pinned in requirements.txt and given /usr/bin/chromedriver and /usr/bin/chromium
+# Selenium bindings are pinned in requirements-dev.txt and given /usr/bin/chromedriver and /usr/bin/chromium
 # explicitly, so nothing downloads a browser or driver of its own. Needs root (or sudo) for apt-get.
 set -euo pipefail
 
