@@ -94,7 +94,7 @@ DATASET_CATALOG: dict[str, DatasetCard] = {card.name: card for card in (
                 "EvoChart-QA from local EvoChart-QA.json and png files."),
     DatasetCard("chartbench", "local", None, "test", ("test",),
                 "ChartBench test.jsonl, one example per conversation turn; subset = task."),
-    DatasetCard("synthetic", "synthetic", None, "train", ("train", "test"),
+    DatasetCard("synthetic", "synthetic", None, "train", ("train", "test", "pretrain"),
                 "Offline matplotlib charts of seeded random tables (64 by default).",
                 default_subset_size=64),
 )}
