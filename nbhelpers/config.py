@@ -73,7 +73,11 @@ class RunConfig:
     warmup_ratio: float = _help("Fraction of all steps spent in linear warm-up, in [0, 1).", default=0.0)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     max_grad_norm: float = _help("Gradient clipping norm (0: off).", default=1.0)
-    loss_type: str = _help("TRL loss aggregation: " + ", ".join(LOSS_TYPES) + ".", default="dapo")
+    loss_type: str = _help(
+        "TRL loss aggregation: " + ", ".join(LOSS_TYPES) + ". In psr, nsr and w-reinforce, left-out samples count "
+        "in no normaliser, over all processes; bnpo is then each micro-batch's token mean over every process's "
+        "kept tokens, averaged over the step's micro-batches that keep a token (nbhelpers.trainer."
+        "left_out_loss_scale).", default="dapo")
     beta: float = _help("KL coefficient against the reference model (0: no reference model).", default=0.0)
     epsilon_high: float | None = _help(
         "Upper clipping bound of the importance ratio (None: TRL's recommendation for the loss type: "

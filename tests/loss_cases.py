@@ -104,8 +104,8 @@ def generation_batches(trainer: ChartRLTrainer, pairs=None) -> dict[tuple[str, s
 def process_micro_batches(batch: dict, processes: int, rank: int) -> list[dict]:
     """Process ``rank``'s share of each micro-batch of a generation batch."""
     per_micro, per_process = ROWS // MICRO_BATCHES, ROWS // MICRO_BATCHES // processes
-    return [select_rows(batch, torch.arange(j * per_micro + rank * per_process, j * per_micro + (rank + 1) * per_process))
-            for j in range(MICRO_BATCHES)]
+    starts = [j * per_micro + rank * per_process for j in range(MICRO_BATCHES)]
+    return [select_rows(batch, torch.arange(start, start + per_process)) for start in starts]
 
 
 def set_case(trainer: ChartRLTrainer, mode: str, loss_type: str) -> None:

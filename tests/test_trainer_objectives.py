@@ -288,6 +288,7 @@ def test_every_optimizer_call_of_an_empty_step_is_skipped(tmp_path, dataset):
     ({}, {"full_determinism": False, "seed": 42, "data_seed": 42}),
     ({"full_determinism": True, "seed": 7}, {"full_determinism": True, "seed": 7, "data_seed": 7}),
     ({"save_steps": 3, "save_total_limit": 1}, {"save_steps": 3, "save_total_limit": 1}),
+    ({}, {"epsilon_high": 0.2}), ({"loss_type": "cispo"}, {"loss_type": "cispo", "epsilon_high": 5.0}),
 ])
 def test_grpo_config_carries_the_run_settings(tmp_path, overrides, expected):
     cfg = load_config([resolve_parameter_file("smoke", "presets")], {"report_to": ["none"], **overrides})
