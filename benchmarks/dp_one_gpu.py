@@ -45,9 +45,10 @@ def main() -> None:
     rollout.RolloutEngine.generate = counted
     trainer = build_trainer(cfg, run_dir=out / cfg.run_name)
     acc = trainer.accelerator
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     print(f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} | torch {torch.__version__} transformers "
           f"{transformers.__version__} trl {trl.__version__} peft {peft.__version__} accelerate "
-          f"{accelerate.__version__} | GPU {torch.cuda.get_device_name(0)}", flush=True)
+          f"{accelerate.__version__} | GPU {gpu}", flush=True)
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
     dtype = "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"
     print(f"accelerate distributed_type {acc.distributed_type.value}, processes {acc.num_processes}, "
