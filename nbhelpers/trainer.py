@@ -164,12 +164,12 @@ class ChartRLTrainer(GRPOTrainer):
         rows = max(int(counts[:, 0].max()), 1)
         inputs = without_left_out_rows(inputs, rows)
         loss = super()._compute_loss(model, inputs)
-        training = self.model.training
         scale = left_out_loss_scale(
-            self.loss_type, rows=rows, accumulation=self.current_gradient_accumulation_steps if training else 1.0,
+            self.loss_type, rows=inputs["completion_mask"].size(0),
+            accumulation=self.current_gradient_accumulation_steps if self.model.training else 1.0,
             processes=self.accelerator.num_processes, kept_sequences=float(inputs["num_kept_sequences"]),
-            local_tokens=float(counts[self.accelerator.process_index, 1]), micro_batch_tokens=float(counts[:, 1].sum()),
-            kept_micro_batches=int((counts[:, 2:].sum(dim=0) > 0).sum()))
+            local_tokens=float(counts[self.accelerator.process_index, 1]),
+            micro_batch_tokens=float(counts[:, 1].sum()), kept_micro_batches=int((counts[:, 2:].sum(dim=0) > 0).sum()))
         return loss * scale
 
     def _kept_counts(self, inputs) -> torch.Tensor:
@@ -223,7 +223,7 @@ class ChartRLTrainer(GRPOTrainer):
             print(format_mode_line(self.mode, step, stats), flush=True)
 
 
-def without_left_out_rows(batch: dict[str, Any], rows: int = 1) -> dict[str, Any]:
+def without_left_out_rows(batch: dict[str, Any], rows: int) -> dict[str, Any]:
     """The micro-batch cut to ``rows`` rows: every kept row (completion mask not all zero) and, as filler, the
     first left-out rows, in batch order, images included. ``rows`` must be at least the kept count.
 
