@@ -66,7 +66,7 @@ def psr_run(drop_left_out: bool, steps: int, tokens: int) -> dict:
             return output
 
     original = trainer_module.without_left_out_rows
-    trainer_module.without_left_out_rows = original if drop_left_out else (lambda batch: batch)
+    trainer_module.without_left_out_rows = original if drop_left_out else (lambda batch, rows: batch)
     try:
         processor = build_offline_processor(PIXELS, tiny=False)
         processor.tokenizer.padding_side = "left"

@@ -28,9 +28,13 @@ MODES = ("grpo", "psr", "nsr", "w-reinforce")
 # TRL loss types whose normaliser we can restrict to the kept samples (see nbhelpers.trainer).
 LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo")
 CORRECTNESS_SOURCES = ("accuracy", "total")
+CISPO_EPSILON_HIGH = 5.0  # TRL's GRPOConfig docs: the recommended epsilon_high (ScaleRL's epsilon_max) for cispo
+EPSILON = 0.2  # TRL's default lower clipping bound, and its upper one when epsilon_high is unset
+MAX_TOTAL_REWARD = 11.25  # the seven Chart-RVR rewards' maxima with unit weights: 2+1+2.5+2+1+1.75+1
 FINETUNE_KINDS = ("lora", "full")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 ROLLOUT_ENGINES = ("auto", "stock", "fast", "vllm")
+DEEPSPEED_CHOICES = ("none", "zero3", "auto")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -72,12 +76,24 @@ class RunConfig:
     warmup_ratio: float = _help("Fraction of all steps spent in linear warm-up, in [0, 1).", default=0.0)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     max_grad_norm: float = _help("Gradient clipping norm (0: off).", default=1.0)
-    loss_type: str = _help("TRL loss aggregation: " + ", ".join(LOSS_TYPES) + ".", default="dapo")
+    loss_type: str = _help(
+        "TRL loss aggregation: " + ", ".join(LOSS_TYPES) + ". In psr, nsr and w-reinforce, left-out samples count "
+        "in no normaliser, over all processes; bnpo is then each micro-batch's token mean over every process's "
+        "kept tokens, averaged over the step's micro-batches that keep a token (nbhelpers.trainer."
+        "left_out_loss_scale).", default="dapo")
     beta: float = _help("KL coefficient against the reference model (0: no reference model).", default=0.0)
+    epsilon_high: float | None = _help(
+        "Upper clipping bound of the importance ratio (None: TRL's recommendation for the loss type: "
+        f"{CISPO_EPSILON_HIGH} for cispo, where it caps the ratio weight itself (ScaleRL's epsilon_max; "
+        "TRL's default 0.2 would cap it at 0.2 and train at a fifth of the scale), else 0.2, the lower bound).",
+        default=None)
     # --- objectives ----------------------------------------------------------------------
     lambda_psr: float = _help("Weight of correct samples in w-reinforce, in (0, 1].", default=0.1)
-    reward_threshold: float = _help("A sample is correct when its accuracy (or total) reward >= this.",
-                                    default=0.5)
+    reward_threshold: float = _help(
+        "A sample is correct when this is <= its accuracy reward (0 or 1; correctness_from: accuracy) or its "
+        "weighted total reward (the sum of the seven rewards times their weights, 0 to "
+        f"{MAX_TOTAL_REWARD} with unit weights, about 10 for a well-formed wrong answer; correctness_from: "
+        "total, which has no default: set it explicitly).", default=0.5)
     correctness_from: str = _help("accuracy: threshold the accuracy reward; total: the weighted total.",
                                   default="accuracy")
     reward_weights: dict = _help("Weight per reward name (format, accuracy, length_think, count, "
@@ -124,7 +140,10 @@ class RunConfig:
                                         "these (e.g. a larger max_steps under the same run_name); its "
                                         "config.yaml then records the new settings.", default=False)
     num_processes: int = _help("Training processes (GPUs) for accelerate launch.", default=1)
-    deepspeed: str | None = _help("none or zero3.", default=None)
+    deepspeed: str | None = _help(
+        "none (plain data parallel on several GPUs), zero3 (DeepSpeed ZeRO-3), or auto: zero3 for full "
+        "fine-tuning, none for LoRA (each GPU holds the whole base model and runs the fast rollout engine).",
+        default=None)
     # --- sampling and Pass@k -------------------------------------------------------------
     eval_dataset: str = _help("Dataset for sampling and evaluation.", default="synthetic")
     eval_split: str | None = _help("Split of eval_dataset (None: its default).", default=None)
@@ -364,8 +383,8 @@ def validate(cfg: RunConfig, sources: dict[str, str] | None = None) -> None:
     choice("finetune", FINETUNE_KINDS)
     choice("dtype", DTYPES)
     choice("rollout_engine", ROLLOUT_ENGINES)
-    if cfg.deepspeed not in (None, "none", "zero3"):
-        fail("deepspeed", f"must be none or zero3, got {cfg.deepspeed!r}")
+    if cfg.deepspeed not in (None,) + DEEPSPEED_CHOICES:
+        fail("deepspeed", f"must be {', '.join(DEEPSPEED_CHOICES)}, got {cfg.deepspeed!r}")
     positive = ["num_generations", "batch_size", "gradient_accumulation_steps", "max_completion_length",
                 "logging_steps", "save_steps", "save_total_limit", "lora_r", "lora_alpha", "max_pixels",
                 "eval_max_pixels", "n_samples", "sample_max_new_tokens", "sample_chunk_size", "bootstrap",
@@ -398,6 +417,17 @@ def validate(cfg: RunConfig, sources: dict[str, str] | None = None) -> None:
         fail("lambda_psr", f"must be in (0, 1], got {cfg.lambda_psr}")
     if cfg.beta < 0:
         fail("beta", f"must be >= 0, got {cfg.beta}")
+    if cfg.epsilon_high is not None and not (cfg.epsilon_high > 0 and math.isfinite(cfg.epsilon_high)):
+        fail("epsilon_high", f"must be > 0 or None, got {cfg.epsilon_high}")
+    if cfg.loss_type == "cispo" and cfg.epsilon_high is not None and cfg.epsilon_high <= 1:
+        fail("epsilon_high", f"is {cfg.epsilon_high}, but with loss_type cispo it caps the importance ratio "
+                             f"weight itself: a cap <= 1 scales every on-policy gradient down (TRL recommends "
+                             f"{CISPO_EPSILON_HIGH}; None uses that)")
+    if cfg.correctness_from == "total" and "reward_threshold" not in sources:
+        raise ConfigError(f"{sources.get('correctness_from', 'default')}: key 'correctness_from' is total, so key "
+                          "'reward_threshold' must be set explicitly: it is then compared with the weighted total "
+                          f"reward (0 to {MAX_TOTAL_REWARD} with unit weights; a well-formed wrong answer scores "
+                          "about 10), and its default 0.5 is meant for the accuracy reward")
     if cfg.num_generations < 2:
         fail("num_generations", f"must be >= 2 (a group needs two completions; {cfg.mode} with "
                                 f"{cfg.num_generations} has no group to compare), got {cfg.num_generations}")
@@ -434,6 +464,13 @@ def validate(cfg: RunConfig, sources: dict[str, str] | None = None) -> None:
             fail("passk_ks", f"has k values {above} above n_samples = {cfg.n_samples}")
     if cfg.dtype == "fp16" and cfg.finetune == "full":
         fail("dtype", "fp16 full fine-tuning is unstable without a master copy; use lora or bf16/fp32")
+
+
+def resolved_epsilon_high(cfg: RunConfig) -> float:
+    """The upper clipping bound TRL gets: ``epsilon_high``, or TRL's recommendation for the loss type."""
+    if cfg.epsilon_high is not None:
+        return cfg.epsilon_high
+    return CISPO_EPSILON_HIGH if cfg.loss_type == "cispo" else EPSILON
 
 
 def passk_ks(cfg: RunConfig) -> list[int]:

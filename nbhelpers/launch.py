@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Sequence, TextIO
 import yaml
 
 from .config import REPO_ROOT, RunConfig
-from .platform import accelerate_config_path
+from .platform import accelerate_config_path, resolve_deepspeed
 
 LAUNCH_PARAMS = "launch-params.yaml"
 LAUNCH_LOG = "launch.log"
@@ -34,7 +34,7 @@ class LaunchError(RuntimeError):
 
 def launch_command(params_file: str | os.PathLike, num_processes: int, deepspeed: str | None) -> list[str]:
     """``accelerate launch`` (run with this interpreter) of ``python -m nbhelpers train`` with the
-    shipped accelerate config for ``num_processes`` and ``deepspeed`` (None/none or zero3)."""
+    shipped accelerate config for ``num_processes`` and a resolved ``deepspeed`` (None/none or zero3)."""
     return [sys.executable, "-m", "accelerate.commands.launch",
             "--config_file", str(accelerate_config_path(num_processes, deepspeed)),
             "--num_processes", str(num_processes),
@@ -104,8 +104,10 @@ def launch_training(cfg: RunConfig, run: Callable[..., int] = run_streaming) -> 
     check_run_identity(cfg)  # a refused run writes nothing into an earlier run's folder
     run_dir = cfg.run_dir()
     params = write_launch_params(cfg, run_dir)
-    command = launch_command(params, cfg.num_processes, cfg.deepspeed)
+    deepspeed, why = resolve_deepspeed(cfg.deepspeed, cfg.finetune)
+    command = launch_command(params, cfg.num_processes, deepspeed)
     log_path = run_dir / LAUNCH_LOG
+    print(why, flush=True)
     print("$ " + shlex.join(command), flush=True)
     code = run(command, log_path=log_path, env=launch_env())
     if code != 0:

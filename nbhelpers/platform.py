@@ -105,8 +105,30 @@ def resolve_dtype(requested: str, platform: PlatformInfo) -> str:
     return requested
 
 
+def resolve_deepspeed(requested: str | None, finetune: str) -> tuple[str, str]:
+    """(``none`` or ``zero3``, why) for the ``deepspeed`` key; ``auto`` picks by ``finetune``.
+
+    LoRA: no DeepSpeed. The base model fits one GPU (3B in fp16: 7.5 GB), so several GPUs run plain data
+    parallel (only the adapter gradients are all-reduced) and each runs the fast rollout engine, which cannot
+    run on ZeRO-3-partitioned weights. Full fine-tuning: ZeRO-3, which partitions weights, gradients and
+    optimizer state over the GPUs.
+    """
+    if requested in (None, "none"):
+        return "none", "deepspeed: none (plain data parallel on several GPUs)"
+    if requested == "zero3":
+        return "zero3", "deepspeed: zero3 (set explicitly)"
+    if requested != "auto":
+        raise ValueError(f"deepspeed must be none, zero3 or auto, got {requested!r}")
+    if finetune == "full":
+        return "zero3", "deepspeed: auto -> zero3 (full fine-tuning: weights, gradients and optimizer state " \
+                        "partitioned over the GPUs; training uses TRL's generation)"
+    return "none", "deepspeed: auto -> none (LoRA: plain data parallel, the whole base model and the fast " \
+                   "rollout engine on each GPU)"
+
+
 def accelerate_config_path(num_processes: int, deepspeed: str | None) -> Path:
-    """The shipped accelerate config for N processes (DeepSpeed ZeRO-3 or plain multi-GPU)."""
+    """The shipped accelerate config for N processes and a resolved ``deepspeed`` (none: one process or plain
+    multi-GPU data parallel; zero3: DeepSpeed ZeRO-3)."""
     if deepspeed in (None, "none"):
         name = "single.yaml" if num_processes == 1 else "multi-gpu.yaml"
     else:

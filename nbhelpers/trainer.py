@@ -7,8 +7,10 @@
   :func:`nbhelpers.objectives.compute_advantages` for psr / nsr / w-reinforce and zeroes the
   completion mask of left-out samples, so they leave both the loss and its token normaliser;
 * ``_compute_loss`` leaves the left-out rows out of the forward and backward pass (they would add
-  nothing but compute) and rescales the loss types that average over sequences (grpo, sapo, dr_grpo)
-  so that the average runs over kept sequences only;
+  nothing but compute), keeping on every process as many rows as the process with the most kept rows
+  (so TRL's per-row gathers see equal shapes), and rescales TRL's loss (:func:`left_out_loss_scale`) so
+  that left-out samples count in no normaliser and the gradient, averaged over processes, equals one
+  process with the same global batch;
 * ``create_optimizer`` makes a step in which no sample is kept skip the optimizer (no update, no NaN;
   logged as ``mode/empty_step``);
 * ``_generate_single_turn`` hands rollouts to the fast engine (:mod:`nbhelpers.rollout`) where it runs;
@@ -37,13 +39,45 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import ProgressCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from .config import ConfigError, RunConfig, estimate_training_steps, save_resolved_config
+from .config import (ConfigError, RunConfig, estimate_training_steps, resolved_epsilon_high,
+                     save_resolved_config)
 from .objectives import compute_advantages, mode_statistics
 
 log = logging.getLogger(__name__)
 
 # Loss types whose TRL normaliser is a per-sequence average: rescaled to count kept sequences only.
 SEQUENCE_AVERAGED_LOSSES = ("grpo", "sapo", "dr_grpo")
+
+
+def left_out_loss_scale(loss_type: str, rows: int, accumulation: float, processes: int, kept_sequences: float,
+                        local_tokens: float, micro_batch_tokens: float, kept_micro_batches: int) -> float:
+    """The factor that turns TRL's loss of one process's micro-batch (left-out rows removed, ``rows`` rows left)
+    into that process's share of the objective in which left-out samples count in no normaliser.
+
+    DDP / ZeRO averages gradients over ``processes``; ``accumulation`` is TRL's own divisor (gradient
+    accumulation steps in training, 1 in evaluation). Per loss type, the objective of an optimizer step is
+
+    * grpo, sapo: the mean over kept sequences of the generation batch (``kept_sequences``, all processes)
+      of each sequence's token mean; dr_grpo: the same with ``max_completion_length`` for every sequence's
+      token count. TRL divides by the micro-batch's row count instead.
+    * bnpo: in each micro-batch, the token mean over the kept tokens of all processes (``micro_batch_tokens``;
+      TRL divides by this process's ``local_tokens``), averaged over the micro-batches of the step that keep
+      at least one token (``kept_micro_batches``; TRL divides by all of them).
+    * dapo, cispo: TRL's token mean over ``num_items_in_batch``, which the trainer sets to the kept tokens of
+      the generation batch: factor 1.
+    """
+    if loss_type in SEQUENCE_AVERAGED_LOSSES:
+        return rows * accumulation * processes / max(kept_sequences, 1.0)
+    if loss_type == "bnpo":
+        return max(local_tokens, 1.0) * accumulation * processes / (
+            max(micro_batch_tokens, 1.0) * max(kept_micro_batches, 1))
+    return 1.0
+
+
+def _loss_mask(batch: dict[str, Any]) -> torch.Tensor:
+    """The token mask TRL's loss uses: the completion mask, times the tool mask where there is one."""
+    mask = batch["completion_mask"]
+    return mask * batch["tool_mask"] if "tool_mask" in batch else mask
 
 
 class ChartRLTrainer(GRPOTrainer):
@@ -65,6 +99,9 @@ class ChartRLTrainer(GRPOTrainer):
         self._fast_rollouts: bool | None = None  # decided at the first generation
         self._skip_optimizer_step = False
         self._last_rewards_per_func: torch.Tensor | None = None
+        if mode != "grpo" and self.args.steps_per_generation != self.args.gradient_accumulation_steps:
+            raise ValueError(f"mode {mode} needs steps_per_generation == gradient_accumulation_steps (one generation "
+                             "batch per optimizer step: the normalisers of kept samples span it)")
         if correctness_from == "accuracy" and "accuracy_reward" not in self.reward_func_names:
             raise ValueError("correctness_from=accuracy needs a reward function named accuracy_reward; "
                              f"got {self.reward_func_names}")
@@ -131,17 +168,30 @@ class ChartRLTrainer(GRPOTrainer):
         return output
 
     def _compute_loss(self, model, inputs):
-        if self.mode != "grpo":
-            inputs = without_left_out_rows(inputs)
+        if self.mode == "grpo":
+            return super()._compute_loss(model, inputs)
+        counts = self._kept_counts(inputs)
+        rows = max(int(counts[:, 0].max()), 1)
+        inputs = without_left_out_rows(inputs, rows)
         loss = super()._compute_loss(model, inputs)
-        if self.mode == "grpo" or self.loss_type not in SEQUENCE_AVERAGED_LOSSES:
-            return loss
-        # TRL divides by the micro-batch's row count B; the objective averages over kept rows of the whole
-        # generation batch (all processes). DDP then averages over P processes, hence the factor P.
-        rows = inputs["completion_mask"].size(0)
-        steps = self.args.steps_per_generation if self.model.training else 1
-        kept = inputs["num_kept_sequences"].clamp(min=1).to(loss.dtype)
-        return loss * (rows * steps * self.accelerator.num_processes) / kept
+        scale = left_out_loss_scale(
+            self.loss_type, rows=inputs["completion_mask"].size(0),
+            accumulation=self.current_gradient_accumulation_steps if self.model.training else 1.0,
+            processes=self.accelerator.num_processes, kept_sequences=float(inputs["num_kept_sequences"]),
+            local_tokens=float(counts[self.accelerator.process_index, 1]),
+            micro_batch_tokens=float(counts[:, 1].sum()), kept_micro_batches=int((counts[:, 2:].sum(dim=0) > 0).sum()))
+        return loss * scale
+
+    def _kept_counts(self, inputs) -> torch.Tensor:
+        """(processes, 2 + W) float tensor, one collective: per process, the kept rows and kept tokens of this
+        micro-batch, then the kept tokens of each of the W micro-batches of the optimizer step (in training
+        TRL's buffer of the generation batch, which is the step's micro-batches since steps_per_generation =
+        gradient_accumulation_steps; in evaluation the batch itself)."""
+        window = self._buffered_inputs if self.model.training else [inputs]
+        mask = _loss_mask(inputs)
+        local = [(inputs["completion_mask"].sum(dim=1) > 0).sum(), mask.sum()]
+        local += [_loss_mask(batch).sum().to(mask.device) for batch in window]
+        return self.accelerator.gather(torch.stack(local).float().unsqueeze(0)).cpu()
 
     # -- empty steps are no-ops -------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -190,23 +240,38 @@ class ChartRLTrainer(GRPOTrainer):
         metrics["mode/accuracy"].append(stats["accuracy"])
 
 
-def without_left_out_rows(batch: dict[str, Any]) -> dict[str, Any]:
-    """A micro-batch without the rows whose completion mask is all zero (left out by the objective), images
-    included; one row stays when none is kept, so every process still runs its forward and backward (DDP and
-    ZeRO-3 synchronise there). Per-row values are those that are not 0-dim, TRL's own convention."""
+def without_left_out_rows(batch: dict[str, Any], rows: int) -> dict[str, Any]:
+    """The micro-batch cut to ``rows`` rows: every kept row (completion mask not all zero) and, as filler, the
+    first left-out rows, in batch order, images included. ``rows`` must be at least the kept count.
+
+    With several processes every process passes the largest kept count of all processes, so TRL's per-row
+    gathers in ``_compute_loss`` see equal shapes. A filler row has an all-zero mask and adds nothing to any
+    loss type's sum or token count; the normalisers that count rows are rescaled (:func:`left_out_loss_scale`).
+    Padding to the largest count costs each process the rows of the slowest one, which the gradient
+    all-reduce waits for anyway; keeping every row instead would make all processes compute the whole
+    micro-batch. One row always stays, so every process runs its forward and backward (DDP and ZeRO-3
+    synchronise there). Per-row values are those that are not 0-dim, TRL's own convention.
+    """
+    kept = batch["completion_mask"].sum(dim=1) > 0
+    if rows < int(kept.sum()) or rows < 1:
+        raise ValueError(f"rows={rows} would drop kept rows (the micro-batch keeps {int(kept.sum())})")
+    if rows >= kept.numel():
+        return batch
+    order = torch.argsort((~kept).int(), stable=True)  # kept rows first, then the left-out ones, each in order
+    return select_rows(batch, order[:rows].sort().values)
+
+
+def select_rows(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+    """The rows ``index`` (1-D long tensor) of a TRL batch, images included; 0-dim values and None stay."""
     from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
 
-    kept = batch["completion_mask"].sum(dim=1) > 0
-    if bool(kept.all()):
-        return batch
-    index = kept.nonzero().squeeze(1) if bool(kept.any()) else kept.new_zeros(1, dtype=torch.long)
-    rows = index.tolist()
+    positions = index.tolist()
 
     def pick(value: Any) -> Any:
         if isinstance(value, torch.Tensor) and value.ndim > 0:
             return value[index.to(value.device)]
         if isinstance(value, list):
-            return [value[i] for i in rows]
+            return [value[i] for i in positions]
         return value
 
     return unsplit_pixel_values_by_grid({key: pick(value) for key, value in split_pixel_values_by_grid(batch).items()})
@@ -304,6 +369,7 @@ def grpo_config(cfg: RunConfig, run_dir: Path, dtype: str, use_cpu: bool, deepsp
         num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, loss_type=cfg.loss_type, beta=cfg.beta,
+        epsilon_high=resolved_epsilon_high(cfg),
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, reward_weights=reward_weights(reward_settings(cfg)),
         logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
         save_strategy="steps", report_to=_report_to(cfg), bf16=(dtype == "bf16"), fp16=(dtype == "fp16"),
@@ -398,9 +464,10 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list |
 
 def _in_process_deepspeed_file(cfg: RunConfig, use_cpu: bool) -> str | None:
     """The DeepSpeed JSON for a run started in-process; under ``accelerate launch`` its config file rules."""
-    from .platform import deepspeed_config_path
+    from .platform import deepspeed_config_path, resolve_deepspeed
 
-    if cfg.deepspeed != "zero3" or use_cpu or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+    if resolve_deepspeed(cfg.deepspeed, cfg.finetune)[0] != "zero3" or use_cpu or \
+            os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
         return None
     if importlib.util.find_spec("deepspeed") is None:
         log.warning("deepspeed: zero3 asked for but the deepspeed package is not installed; training without it")
@@ -578,4 +645,5 @@ def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
 
 
 __all__ = ["ChartRLTrainer", "StepLineCallback", "format_log_line", "build_trainer", "check_run_identity",
-           "grpo_config", "train", "persistent_store", "SEQUENCE_AVERAGED_LOSSES"]
+           "grpo_config", "train", "persistent_store", "SEQUENCE_AVERAGED_LOSSES", "left_out_loss_scale",
+           "select_rows", "without_left_out_rows"]

@@ -3,8 +3,9 @@ import math
 import pytest
 import yaml
 
-from nbhelpers.config import (ConfigError, RunConfig, describe, estimate_training_steps, load_config,
-                              load_resolved_config, passk_ks, resolve_parameter_file, save_resolved_config)
+from nbhelpers.config import (ConfigError, RunConfig, describe, estimate_training_steps, field_help, load_config,
+                              load_resolved_config, passk_ks, resolve_parameter_file, resolved_epsilon_high,
+                              save_resolved_config)
 
 
 def write(tmp_path, name, data):
@@ -66,6 +67,11 @@ ERRORS = [  # file content, overrides, words the message must contain
     ({}, ["subset_size=0"], ["'subset_size'", ">= 1"]),
     ("mode: [grpo\n", None, ["bad.yaml", "line", "invalid YAML"]),
     ("- a\n- b\n", None, ["bad.yaml", "mapping"]),
+    ({"correctness_from": "total"}, None, ["bad.yaml", "'correctness_from' is total", "'reward_threshold'",
+                                           "set explicitly", "weighted total reward"]),
+    ({"loss_type": "cispo", "epsilon_high": 0.2}, None, ["'epsilon_high'", "cispo", "5.0"]),
+    ({"epsilon_high": -1}, None, ["'epsilon_high'", "> 0"]),
+    ({"deepspeed": "zero2"}, None, ["'deepspeed'", "none, zero3, auto"]),
 ]
 
 
@@ -146,3 +152,34 @@ def test_wandb_only_with_a_key_or_offline_mode(monkeypatch, env, expected):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     assert _report_to(load_config(overrides={"report_to": ["tensorboard", "wandb"]})) == expected
+
+
+def test_total_correctness_needs_an_explicit_threshold(tmp_path):
+    cfg = load_config(overrides=["correctness_from=total", "reward_threshold=9.5"])
+    assert (cfg.correctness_from, cfg.reward_threshold) == ("total", 9.5)
+    assert load_config().reward_threshold == 0.5  # the accuracy reward's default stays
+    assert "weighted total reward" in field_help("reward_threshold")
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({}, 0.2), ({"loss_type": "cispo"}, 5.0), ({"loss_type": "cispo", "epsilon_high": 3.0}, 3.0),
+    ({"epsilon_high": 0.28}, 0.28),
+])
+def test_epsilon_high_defaults_to_trls_recommendation_per_loss_type(overrides, expected):
+    assert resolved_epsilon_high(load_config(overrides=overrides)) == expected
+
+
+@pytest.mark.parametrize("finetune, dtype, deepspeed, config_file", [
+    ("lora", "fp16", "none", "multi-gpu.yaml"),  # plain data parallel, the fast engine on each T4
+    ("full", "fp32", "zero3", "zero3-2gpu.yaml"),
+])
+def test_kaggle_platform_picks_data_parallel_for_lora_and_zero3_for_full(finetune, dtype, deepspeed, config_file):
+    from nbhelpers.platform import accelerate_config_path, resolve_deepspeed
+
+    cfg = load_config([resolve_parameter_file("kaggle-2xt4", "platforms")],
+                      overrides={"finetune": finetune, "dtype": dtype})
+    assert cfg.deepspeed == "auto" and cfg.num_processes == 2
+    resolved, why = resolve_deepspeed(cfg.deepspeed, cfg.finetune)
+    assert resolved == deepspeed and f"auto -> {deepspeed}" in why
+    assert accelerate_config_path(cfg.num_processes, resolved).name == config_file
+    assert resolve_deepspeed("zero3", "lora")[0] == "zero3" and resolve_deepspeed(None, "full")[0] == "none"

@@ -1,13 +1,16 @@
 """Two CPU processes (gloo, no DeepSpeed) against one process with the same global batch.
 
-Rollouts use top_k=1, so every rank decodes the same completions as the single process whatever its
-random stream; then rewards, correctness and advantages must agree, and so must the trained adapter.
+End to end: rollouts use top_k=1, so every rank decodes the same completions as the single process
+whatever its random stream; then rewards, correctness and advantages must agree, and so must the trained
+adapter. Gradients: every (pattern, mode, loss type) of :mod:`loss_cases` in one pair of processes that keep
+different numbers of rows, averaged over the processes as DDP does, against one process.
 """
 
 import json
 import os
 import socket
 
+import loss_cases
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -76,3 +79,50 @@ def test_two_ranks_match_one_process(tmp_path, mode):
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7, msg=name)
         changed |= bool((one[name] != 0).any()) and "lora_B" in name
     assert changed, "the adapter did not move: the comparison would prove nothing"
+
+
+def gradient_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from nbhelpers.rollout import trainer_rollout_unavailable_reason
+
+    setup = torch.load(out_dir / "setup.pt", weights_only=False)
+    trainer = loss_cases.build_trainer(out_dir / f"rank{rank}")
+    assert trainer.accelerator.num_processes == world
+    trainer.model.load_state_dict(setup["state"])
+    grads = {}
+    for pattern, mode, loss_type in loss_cases.CASES:
+        loss_cases.set_case(trainer, mode, loss_type)
+        micro = loss_cases.process_micro_batches(setup["batches"][pattern, mode], world, rank)
+        local = loss_cases.accumulated_grads(trainer, micro)
+        for grad in local.values():  # DDP's gradient average
+            dist.all_reduce(grad)
+            grad /= world
+        grads[pattern, mode, loss_type] = local
+    # The trainer's engine check on the model as accelerate wraps it for DDP: no refusal for DDP's sake.
+    trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
+    checks = {"wrapper": type(trainer.model_wrapped).__name__, "engine": trainer_rollout_unavailable_reason(trainer)}
+    if rank == 0:
+        torch.save({"grads": grads, "checks": checks}, out_dir / "two.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_two_processes_with_unequal_kept_rows_match_one_process_gradients(tmp_path):
+    """psr and nsr keep 3|1, 0|2, 1|3, 4|2 ... rows on the two processes (and a whole micro-batch may keep
+    nothing): every collective sees equal shapes, and the process-averaged gradient of each mode and loss
+    type equals one process's with the same global batch, accumulation 2."""
+    trainer = loss_cases.build_trainer(tmp_path / "one")
+    batches = loss_cases.generation_batches(trainer)
+    torch.save({"state": trainer.model.state_dict(), "batches": batches}, tmp_path / "setup.pt")
+    mp.start_processes(gradient_worker, args=(2, free_port(), tmp_path), nprocs=2, join=True, start_method="spawn")
+    two = torch.load(tmp_path / "two.pt", weights_only=False)
+    assert two["checks"] == {"wrapper": "DistributedDataParallel",
+                             "engine": "fast rollout engine needs CUDA; the model is on cpu"}
+    for pattern, mode, loss_type in loss_cases.CASES:
+        loss_cases.set_case(trainer, mode, loss_type)
+        one = loss_cases.accumulated_grads(trainer, loss_cases.process_micro_batches(batches[pattern, mode], 1, 0))
+        loss_cases.assert_grads_close(two["grads"][pattern, mode, loss_type], one, f"{pattern} {mode} {loss_type}")

@@ -7,17 +7,18 @@ completion's length), which gives a mix of correct and incorrect samples with ra
 
 import contextlib
 
+import loss_cases
 import pytest
 import torch
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from nbhelpers import models
-from nbhelpers.config import load_config, resolve_parameter_file
+from nbhelpers.config import LOSS_TYPES, load_config, resolve_parameter_file
 from nbhelpers.data import make_synthetic_examples, to_trl_dataset
 from nbhelpers.platform import deepspeed_config_path
 from nbhelpers.rewards import completion_text
-from nbhelpers.trainer import ChartRLTrainer, grpo_config, without_left_out_rows
+from nbhelpers.trainer import ChartRLTrainer, grpo_config, left_out_loss_scale, without_left_out_rows
 
 G = 4
 PIXELS = 56 * 56
@@ -69,6 +70,7 @@ def one_step(trainer, dataset):
     inputs = [dataset[i] for i in (0, 1) for _ in range(G)]
     torch.manual_seed(1234)
     batch = trainer._generate_and_score_completions(inputs)
+    trainer._buffered_inputs = [batch]  # as TRL's _prepare_inputs leaves it: the step's micro-batches
     trainer.model.zero_grad()
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
@@ -176,8 +178,9 @@ def test_left_out_samples_leave_the_normaliser_for_every_loss_type(tmp_path, dat
         weights, norm = kept / m.sum(1).clamp(min=1), kept.sum()
     elif loss_type == "dr_grpo":  # constant max_completion_length per kept sequence
         weights, norm = kept, kept.sum() * trainer.max_completion_length
-    elif loss_type == "cispo":  # token mean over kept tokens, with the detached ratio clamped at epsilon_high
-        weights, norm = kept * min(1.0, trainer.epsilon_high), m.sum()
+    elif loss_type == "cispo":  # token mean over kept tokens; on-policy the ratio is 1, below the cap epsilon_high
+        assert trainer.epsilon_high == 5.0  # TRL's recommendation for cispo (its default 0.2 would scale by 0.2)
+        weights, norm = kept, m.sum()
     else:  # bnpo: token mean over kept tokens (one micro-batch)
         weights, norm = kept, m.sum()
     ref = reference_grads(trainer, batch, m, weights, norm)
@@ -285,6 +288,7 @@ def test_every_optimizer_call_of_an_empty_step_is_skipped(tmp_path, dataset):
     ({}, {"full_determinism": False, "seed": 42, "data_seed": 42}),
     ({"full_determinism": True, "seed": 7}, {"full_determinism": True, "seed": 7, "data_seed": 7}),
     ({"save_steps": 3, "save_total_limit": 1}, {"save_steps": 3, "save_total_limit": 1}),
+    ({}, {"epsilon_high": 0.2}), ({"loss_type": "cispo"}, {"loss_type": "cispo", "epsilon_high": 5.0}),
 ])
 def test_grpo_config_carries_the_run_settings(tmp_path, overrides, expected):
     cfg = load_config([resolve_parameter_file("smoke", "presets")], {"report_to": ["none"], **overrides})
@@ -304,13 +308,15 @@ def vlm_batch(kept_rows):
     }
 
 
-@pytest.mark.parametrize("kept_rows, expected_rows", [
-    ([0, 2], [0, 2]),
-    ([1], [1]),
-    ([], [0]),  # none kept: one row stays, with its zero mask, so every process runs forward and backward
+@pytest.mark.parametrize("kept_rows, rows, expected_rows", [
+    ([0, 2], 2, [0, 2]),
+    ([1], 1, [1]),
+    ([], 1, [0]),  # none kept: one row stays, with its zero mask, so every process runs forward and backward
+    ([2], 2, [0, 2]),  # padded to another process's kept count with the first left-out row, batch order kept
+    ([], 2, [0, 1]),
 ])
-def test_without_left_out_rows_selects_rows_and_their_images(kept_rows, expected_rows):
-    out = without_left_out_rows(vlm_batch(kept_rows))
+def test_without_left_out_rows_selects_rows_and_their_images(kept_rows, rows, expected_rows):
+    out = without_left_out_rows(vlm_batch(kept_rows), rows)
     assert out["prompt_ids"][:, 0].tolist() == expected_rows
     assert out["advantages"].tolist() == [float(i) for i in expected_rows]
     assert out["image_grid_thw"].tolist() == [[1, i + 1, 2] for i in expected_rows]
@@ -320,6 +326,61 @@ def test_without_left_out_rows_selects_rows_and_their_images(kept_rows, expected
     assert int(out["completion_mask"].sum()) == len(kept_rows)
 
 
-def test_without_left_out_rows_keeps_a_full_batch_as_is():
+def test_without_left_out_rows_keeps_a_full_batch_as_is_and_never_drops_a_kept_row():
     batch = vlm_batch([0, 1, 2])
-    assert without_left_out_rows(batch) is batch
+    assert without_left_out_rows(batch, 3) is batch
+    assert without_left_out_rows(vlm_batch([0]), 3)["prompt_ids"].size(0) == 3
+    with pytest.raises(ValueError, match="would drop kept rows"):
+        without_left_out_rows(vlm_batch([0, 2]), 1)
+
+
+# ------------------------------------------------------------------ gradient accumulation with left-out rows
+@pytest.fixture(scope="module")
+def accumulation_cases(tmp_path_factory):
+    """A trainer and each (pattern, mode)'s generation batch of 16 rows, 2 micro-batches (one process)."""
+    trainer = loss_cases.build_trainer(tmp_path_factory.mktemp("accumulation"))
+    return trainer, loss_cases.generation_batches(trainer, loss_cases.ONE_PROCESS_PAIRS)
+
+
+def objective_weights(loss_type, batch, max_completion_length):
+    """(per-row weight, normaliser) of the objective: grad = -sum_i w_i sum_t mask_it grad log p_it / normaliser,
+    each loss type with left-out samples in no normaliser (see left_out_loss_scale)."""
+    mask = batch["completion_mask"].float()
+    tokens, advantages = mask.sum(1), batch["advantages"]
+    kept = (tokens > 0).float()
+    if loss_type in ("dapo", "cispo"):
+        return advantages, mask.sum()
+    if loss_type in ("grpo", "sapo"):  # on-policy sapo's soft gate has slope 1, like the clipped ratio
+        return advantages * kept / tokens.clamp(min=1), kept.sum()
+    if loss_type == "dr_grpo":
+        return advantages, kept.sum() * max_completion_length
+    micro = tokens.view(loss_cases.MICRO_BATCHES, -1).sum(1)  # bnpo: kept tokens per micro-batch
+    per_row = micro.repeat_interleave(loss_cases.ROWS // loss_cases.MICRO_BATCHES)
+    return advantages / per_row.clamp(min=1), (micro > 0).sum()
+
+
+@pytest.mark.parametrize("pattern, mode", loss_cases.ONE_PROCESS_PAIRS)
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_accumulated_gradient_with_left_out_rows_is_the_objective(accumulation_cases, pattern, mode, loss_type):
+    """Gradient accumulation 2, several micro-batches, rows left out (psr, nsr) or weighted (w-reinforce):
+    the summed gradient equals the objective's for every loss type. Without the rescaling in _compute_loss
+    (TRL's per-micro-batch row and token counts) grpo, sapo, dr_grpo and bnpo would differ."""
+    trainer, batches = accumulation_cases
+    batch = batches[pattern, mode]
+    loss_cases.set_case(trainer, mode, loss_type)
+    grads = loss_cases.accumulated_grads(trainer, loss_cases.process_micro_batches(batch, 1, 0))
+    weights, normaliser = objective_weights(loss_type, batch, trainer.max_completion_length)
+    ref = reference_grads(trainer, batch, batch["completion_mask"].float(), weights, normaliser)
+    loss_cases.assert_grads_close(grads, ref, f"{pattern} {mode} {loss_type}")
+
+
+@pytest.mark.parametrize("loss_type, expected", [
+    # rows 3 of a micro-batch, accumulation 2, 2 processes, 4 kept sequences: 3 * 2 * 2 / 4
+    ("grpo", 3.0), ("sapo", 3.0), ("dr_grpo", 3.0),
+    # local tokens 10, micro-batch tokens 40 (all processes), 1 of 2 micro-batches kept: 10 * 2 * 2 / (40 * 1)
+    ("bnpo", 1.0),
+    ("dapo", 1.0), ("cispo", 1.0),
+])
+def test_left_out_loss_scale_table(loss_type, expected):
+    assert left_out_loss_scale(loss_type, rows=3, accumulation=2, processes=2, kept_sequences=4, local_tokens=10,
+                               micro_batch_tokens=40, kept_micro_batches=1) == pytest.approx(expected)
