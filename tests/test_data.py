@@ -21,7 +21,7 @@ EXPECTED_REGISTRY = {
     "chartfc": ("local", None, "test", ("train", "valid", "test")),
     "evochart": ("local", None, "test", ("test",)),
     "chartbench": ("local", None, "test", ("test",)),
-    "synthetic": ("synthetic", None, "train", ("train", "test")),
+    "synthetic": ("synthetic", None, "train", ("train", "test", "pretrain")),
 }
 
 
