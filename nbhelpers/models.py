@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .registry import MODEL_REGISTRY, asset_dir, resolve_model
+from .registry import MODEL_REGISTRY, resolve_model
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from nbhelpers import data, models, rewards, synthetic
+from nbhelpers import data, models, registry, rewards, synthetic
 from nbhelpers.sampling import encode_prompt
 
 FRESH_SEED = 777_001  # a test-split seed that neither pretraining nor any preset uses
@@ -22,7 +22,7 @@ def model_and_processor():
 
 def test_registry_points_at_the_shipped_folder():
     kind, location = models.resolve_model("tiny-pretrained")
-    assert kind == "asset" and location == str(models.asset_dir("tiny-pretrained"))
+    assert kind == "asset" and location == str(registry.asset_dir("tiny-pretrained"))
 
 
 def test_loads_offline_as_the_real_class_and_names_itself(model_and_processor):
@@ -44,7 +44,7 @@ def test_tokenizer_and_config_agree_on_special_tokens(model_and_processor):
 
 
 def test_weights_fit_the_size_limit_and_the_record_says_how_they_were_made():
-    folder = models.asset_dir("tiny-pretrained")
+    folder = registry.asset_dir("tiny-pretrained")
     weight_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     assert 0 < weight_bytes <= 50 * 2**20
     record = json.loads((folder / "pretrain.json").read_text())
