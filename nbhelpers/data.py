@@ -45,7 +45,7 @@ from PIL import Image
 
 from .completion_parsing import reference_steps
 from .errors import InputError
-from .registry import DATASET_CATALOG, DATASET_NAMES
+from .registry import DATASET_CATALOG, DATASET_NAMES, DatasetCard
 from .synthetic import SYNTHETIC_CHART_TYPES, make_synthetic_examples
 
 log = logging.getLogger(__name__)
@@ -247,18 +247,12 @@ def to_trl_dataset(examples: datasets.Dataset | Iterable[dict], max_pixels: int)
 
 
 # --------------------------------------------------------------------------- registry
-@dataclass(frozen=True)
-class DatasetSpec:
-    """One registered dataset; `loader(request, **options)` returns its stored schema Dataset."""
+@dataclass(frozen=True, kw_only=True)
+class DatasetSpec(DatasetCard):
+    """One registered dataset: its catalog card plus `loader(request, **options)`, which returns its stored
+    schema Dataset."""
 
-    name: str
-    source: str  # "hub", "local" or "synthetic"
-    hub_id: str | None
-    default_split: str
-    splits: tuple[str, ...]
     loader: Callable[..., datasets.Dataset]
-    description: str
-    default_subset_size: int | None = None  # used when load_examples gets subset_size=None
 
     def options(self) -> tuple[str, ...]:
         """Names of the extra keyword options this dataset's loader accepts."""

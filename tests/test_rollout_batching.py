@@ -12,19 +12,7 @@ from nbhelpers import rollout
 from nbhelpers.models import apply_lora, build_offline_processor, build_random_model
 from nbhelpers.rollout import Request, RolloutEngine, stock_generate
 from nbhelpers.rollout.weights import DecodeWeights, lora_parts, merged_weight
-from test_rollout import TINY_EOS, TINY_PAD, _chi_square_p, prompt_inputs
-
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    return build_random_model("tiny-random").eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_processor():
-    return build_offline_processor(56 * 56, tiny=True)
+from test_rollout import TINY_EOS, TINY_PAD, _chi_square_p, gpu, prompt_inputs, tiny_model, tiny_processor  # noqa: F401
 
 
 def text_prompt(processor, text: str) -> dict:
