@@ -157,7 +157,8 @@ def machine_record() -> dict:
             return None
         return result.stdout if result.returncode == 0 else None
 
-    commit = (git("rev-parse", "HEAD") or "").strip() or None
+    # a copy without .git (a lent GPU machine) is named by the caller: STUDY_GIT_COMMIT=$(git rev-parse HEAD)
+    commit = (git("rev-parse", "HEAD") or "").strip() or os.environ.get("STUDY_GIT_COMMIT") or None
     changes = git("status", "--porcelain", "--untracked-files=no")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"gpu": gpu, "cpu_count": os.cpu_count(), "versions": versions, "git_commit": commit,
