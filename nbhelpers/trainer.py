@@ -12,7 +12,8 @@
   that left-out samples count in no normaliser and the gradient, averaged over processes, equals one
   process with the same global batch;
 * ``create_optimizer`` makes a step in which no sample is kept skip the optimizer (no update, no NaN;
-  logged as ``mode/empty_step``);
+  logged as ``mode/empty_step``), and so does a step whose gradients are not finite (said on the console,
+  counted as ``optimizer/nonfinite_steps``);
 * ``_generate_single_turn`` hands rollouts to the fast engine (:mod:`nbhelpers.rollout`) where it runs;
 * ``log`` adds the process's peak GPU memory;
 * ``create_model_card`` writes the run's own card (:mod:`nbhelpers.model_card`).
@@ -98,6 +99,7 @@ class ChartRLTrainer(GRPOTrainer):
         self.rollout_engine = rollout_engine
         self._fast_rollouts: bool | None = None  # decided at the first generation
         self._skip_optimizer_step = False
+        self.nonfinite_steps = 0  # optimizer steps skipped for NaN/inf gradients
         self._last_rewards_per_func: torch.Tensor | None = None
         if mode != "grpo" and self.args.steps_per_generation != self.args.gradient_accumulation_steps:
             raise ValueError(f"mode {mode} needs steps_per_generation == gradient_accumulation_steps (one generation "
@@ -202,15 +204,26 @@ class ChartRLTrainer(GRPOTrainer):
         if getattr(optimizer, "_chartrl_skippable", False):
             return optimizer
         step = optimizer.step
+        params = [p for group in optimizer.param_groups for p in group["params"]]
 
         def step_unless_empty(*args: Any, **kwargs: Any):
             if self._skip_optimizer_step:
+                return None
+            if not gradients_are_finite(params):
+                self._skip_nonfinite_step()
                 return None
             return step(*args, **kwargs)
 
         optimizer.step = step_unless_empty
         optimizer._chartrl_skippable = True
         return optimizer
+
+    def _skip_nonfinite_step(self) -> None:
+        """A NaN or inf gradient (a NaN loss, a bf16/fp16 overflow) would make every weight NaN for the rest of
+        the run: the step is skipped instead, said on the console and counted (``optimizer/nonfinite_steps``)."""
+        self.nonfinite_steps += 1
+        log.warning("step %d: non-finite gradients; optimizer step skipped (%d such steps so far)",
+                    self.state.global_step + 1, self.nonfinite_steps)
 
     # -- model card -----------------------------------------------------------------------------
     run_config: RunConfig | None = None  # set by build_trainer; the model card describes this run
@@ -227,6 +240,8 @@ class ChartRLTrainer(GRPOTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if torch.cuda.is_available():
             logs["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30  # this process's GPU, GiB
+        if self.nonfinite_steps:
+            logs["optimizer/nonfinite_steps"] = self.nonfinite_steps  # so far in this run
         super().log(logs, start_time)
 
     def _log_mode_statistics(self, correct, keep, total, train: bool) -> None:
@@ -238,6 +253,15 @@ class ChartRLTrainer(GRPOTrainer):
         metrics["mode/empty_step"].append(stats["empty"])  # 0 or 1; a logging window logs the fraction
         metrics["mode/total_reward"].append(stats["total_reward"])
         metrics["mode/accuracy"].append(stats["accuracy"])
+
+
+def gradients_are_finite(params) -> bool:
+    """True when no parameter's gradient holds NaN or inf (one device sync; parameters without a gradient,
+    e.g. partitioned by ZeRO-3, are not looked at)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
 def without_left_out_rows(batch: dict[str, Any], rows: int) -> dict[str, Any]:
@@ -293,6 +317,8 @@ def format_log_line(mode: str, step: int, max_steps: int, logs: dict[str, Any], 
                      "per batch")
     if "mode/empty_step" in logs:
         parts.append(f"{logs['mode/empty_step']:.0%} empty steps")
+    if logs.get("optimizer/nonfinite_steps"):
+        parts.append(f"{logs['optimizer/nonfinite_steps']:.0f} non-finite steps skipped")
     remaining = max(max_steps - step, 0) * seconds_per_step
     parts.append(f"{seconds_per_step:.2f} s/step, ETA {_hms(remaining)}")
     return f"{mode.upper()} [step {step}/{max_steps}] " + " | ".join(parts)

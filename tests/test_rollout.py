@@ -463,3 +463,16 @@ def test_gpu_triton_attention_matches_pytorch_attention(rows, prompt_len, step, 
 def test_gpu_sampled_token_frequencies_match_stock(tiny_processor):
     """The same statistics on CUDA, where temperature-only sampling takes the fused Gumbel-max path."""
     _check_sampling_statistics(build_random_model("tiny-random", torch.float32, "cuda").eval(), tiny_processor)
+
+
+def test_nonfinite_logits_raise_a_clear_error_naming_the_parameters(tiny_processor):
+    """A NaN weight would send NaN probabilities to torch.multinomial: on CUDA a device-side assert that
+    kills the process with no hint of the cause. The engine says what is wrong instead."""
+    model = build_random_model("tiny-random")
+    engine = RolloutEngine(model, [TINY_EOS], TINY_PAD, 4, temperature=1.0)
+    assert len(engine.generate(prompt_inputs(tiny_processor, 0), 2)) == 2
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"logits are NaN or inf; 1 parameter tensors hold NaN/inf \(e\.g\. "
+                                                 r"model\.language_model\.embed_tokens\.weight\)"):  # tied to lm_head
+        engine.generate(prompt_inputs(tiny_processor, 0), 2)

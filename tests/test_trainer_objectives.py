@@ -18,7 +18,8 @@ from nbhelpers.config import LOSS_TYPES, load_config, resolve_parameter_file
 from nbhelpers.data import make_synthetic_examples, to_trl_dataset
 from nbhelpers.platform import deepspeed_config_path
 from nbhelpers.rewards import completion_text
-from nbhelpers.trainer import ChartRLTrainer, grpo_config, left_out_loss_scale, without_left_out_rows
+from nbhelpers.trainer import ChartRLTrainer, gradients_are_finite, grpo_config, left_out_loss_scale, \
+    without_left_out_rows
 
 G = 4
 PIXELS = 56 * 56
@@ -282,6 +283,36 @@ def test_every_optimizer_call_of_an_empty_step_is_skipped(tmp_path, dataset):
     trainer._skip_optimizer_step = False
     optimizer.step()
     assert not all(torch.equal(b, p) for b, p in zip(before, params))
+
+
+def test_a_step_with_nonfinite_gradients_is_skipped_and_counted(tmp_path, dataset, caplog):
+    trainer = make_trainer(tmp_path, dataset, "grpo")
+    optimizer = trainer.create_optimizer()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[-1].grad.view(-1)[0] = float("inf")
+    before = [p.detach().clone() for p in params]
+    with caplog.at_level("WARNING"):
+        optimizer.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, params))
+    assert trainer.nonfinite_steps == 1 and "non-finite gradients; optimizer step skipped" in caplog.text
+    params[-1].grad.view(-1)[0] = 1.0
+    optimizer.step()
+    assert not all(torch.equal(b, p) for b, p in zip(before, params)) and trainer.nonfinite_steps == 1
+
+
+@pytest.mark.parametrize("grads, expected", [
+    ([[1.0, 2.0], [3.0]], True), ([[1.0, float("nan")], [3.0]], False), ([[1.0], [float("-inf")]], False),
+    ([None, [0.0]], True), ([None], True),
+])
+def test_gradients_are_finite(grads, expected):
+    params = []
+    for g in grads:
+        p = torch.nn.Parameter(torch.zeros(2 if g is None else len(g)))
+        p.grad = None if g is None else torch.tensor(g)
+        params.append(p)
+    assert gradients_are_finite(params) is expected
 
 
 @pytest.mark.parametrize("overrides, expected", [

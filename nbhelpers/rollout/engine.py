@@ -573,6 +573,8 @@ class RolloutEngine:
         rope = position_ids[-3:, 0, -1]
         if not bool((rope == rope[0]).all()):
             raise ValueError("the prompt's last token has 3-D (vision) rope positions; it must be a text token")
+        if not bool(torch.isfinite(out.logits[:, -1, :]).all()):  # multinomial would hit a device-side assert
+            raise FloatingPointError(nonfinite_logits_message(self.model))
         cache = out.past_key_values
         prefix = [(layer.keys[0], layer.values[0]) for layer in cache.layers]  # [KV, P, D] each
         scores = self._process(out.logits[:, -1, :], generated=0)
@@ -754,6 +756,14 @@ class RolloutEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def nonfinite_logits_message(model) -> str:
+    """Why a prompt's logits hold NaN or inf: the parameters that do (first few named), or none."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    where = (f"{len(bad)} parameter tensors hold NaN/inf (e.g. {', '.join(bad[:3])})" if bad
+             else "every parameter is finite, so the forward pass overflowed on this prompt")
+    return f"fast rollout engine: the prompt's next-token logits are NaN or inf; {where}"
 
 
 def _compiled_call(fn, *args):
