@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -405,6 +406,15 @@ def test_report_computes_pooled_passk_comparisons_verdict_and_readme(tmp_path, c
     results_bytes = {p.name: p.read_bytes() for p in (tmp_path / "results").iterdir()}
     report.write_results(report.collect(settings))
     assert {p.name: p.read_bytes() for p in (tmp_path / "results").iterdir()} == results_bytes  # identical again
+
+
+def test_training_rows_count_the_steps_skipped_for_nonfinite_gradients():
+    logged = pd.DataFrame({"step": [5, 10, 15], "reward": [1.0, 2.0, 3.0],
+                           "optimizer/nonfinite_steps": [float("nan"), 1.0, 2.0]})  # logged from the first skip on
+    rows = report.training_rows({"training": {"psr-s0": logged, "grpo-s0": logged.drop(columns="optimizer/"
+                                                                                              "nonfinite_steps")}})
+    assert [row[0] for row in rows] == ["psr-s0", "grpo-s0"] and [row[-1] for row in rows] == ["2", "0"]
+    assert rows[0][2] == "1 -> 3"
 
 
 def test_report_with_missing_parts_names_them_and_still_writes(tmp_path, capsys):

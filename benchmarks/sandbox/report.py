@@ -237,6 +237,8 @@ def training_rows(study: dict) -> list[list[str]]:
             values = frame[column].dropna().to_numpy() if column in frame else np.array([])
             window = max(1, int(np.ceil(0.2 * values.size)))
             cells.append(f"{values[:window].mean():.3g} -> {values[-window:].mean():.3g}" if values.size else "n/a")
+        skipped = frame["optimizer/nonfinite_steps"].max() if "optimizer/nonfinite_steps" in frame else 0
+        cells.append(str(int(skipped)) if skipped == skipped else "0")  # NaN where never logged
         rows.append(cells)
     return rows
 
@@ -250,7 +252,7 @@ def gpu_time_rows(study: dict) -> list[dict]:
                      "s_per_step": marker["train_s"] / steps if steps and marker.get("train_s") else None,
                      "sample_s": marker.get("sample_s"), "sample_tokens": tokens,
                      "ms_per_token": 1e3 * marker["sample_s"] / tokens if tokens else None,
-                     "finished": marker.get("finished")})
+                     "finished": marker.get("finished"), "code": (marker.get("git_commit") or "n/a")[:7]})
     return rows
 
 
@@ -315,17 +317,19 @@ def report_markdown(study: dict, figures: Mapping[str, Path]) -> str:
     if study["training"]:
         out += ["", "### Training (first 20% -> last 20% of logged steps)", "",
                 markdown_table(["part", "steps", "reward", "accuracy", "kept correct / step",
-                                "kept incorrect / step", "entropy"], training_rows(study))]
+                                "kept incorrect / step", "entropy", "steps skipped (non-finite gradients)"],
+                               training_rows(study))]
     out += ["", "### Settings", "", same_budget_check(study), "", f"`{settings.path.name}`:", "", "```yaml",
             settings.path.read_text().rstrip(), "```"]
     rows = gpu_time_rows(study)
     if rows:
         out += ["", "### GPU time", ""]
         out.append(markdown_table(
-            ["part", "device", "jobs", "train s", "steps", "s/step", "sample s", "tokens", "ms/token", "finished"],
+            ["part", "device", "jobs", "train s", "steps", "s/step", "sample s", "tokens", "ms/token", "finished",
+             "code"],
             [[r["part"], r["gpu"], str(r["jobs"]), _number(r["train_s"], ".0f"), _number(r["train_steps"], "d"),
               _number(r["s_per_step"], ".2f"), _number(r["sample_s"], ".0f"), _number(r["sample_tokens"], ",d"),
-              _number(r["ms_per_token"], ".3f"), r["finished"] or ""] for r in rows]))
+              _number(r["ms_per_token"], ".3f"), r["finished"] or "", r["code"]] for r in rows]))
         total = sum((r["train_s"] or 0) + (r["sample_s"] or 0) for r in rows)
         versions = {json.dumps(m.get("versions"), sort_keys=True) for m in study["markers"].values()}
         out += ["", f"Sum of part wall times: {total / 60:.1f} minutes (parts ran {max(r['jobs'] or 1 for r in rows)} "
