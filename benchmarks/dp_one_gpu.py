@@ -34,15 +34,15 @@ def main() -> None:
     cfg = load_config([resolve_parameter_file("smoke", "presets"), resolve_parameter_file("nsr", "modes")],
                       {**overrides, **dict(arg.split("=", 1) for arg in sys.argv[2:])})
     calls = {"generate": 0, "completions": 0}
-    generate = rollout.RolloutEngine.generate
+    stream = rollout.RolloutEngine.generate_stream  # every engine run (generate, generate_batch) goes through it
 
     def counted(self, *args, **kwargs):
-        result = generate(self, *args, **kwargs)
         calls["generate"] += 1
-        calls["completions"] += len(result)
-        return result
+        for key, completions in stream(self, *args, **kwargs):
+            calls["completions"] += len(completions)
+            yield key, completions
 
-    rollout.RolloutEngine.generate = counted
+    rollout.RolloutEngine.generate_stream = counted
     trainer = build_trainer(cfg, run_dir=out / cfg.run_name)
     acc = trainer.accelerator
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
