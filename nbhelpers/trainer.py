@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 # Loss types whose TRL normaliser is a per-sequence average: rescaled to count kept sequences only.
 SEQUENCE_AVERAGED_LOSSES = ("grpo", "sapo", "dr_grpo")
+NONFINITE_KEY = "optimizer/nonfinite_steps"  # logged: optimizer steps skipped for NaN/inf gradients so far
 
 
 def left_out_loss_scale(loss_type: str, rows: int, accumulation: float, processes: int, kept_sequences: float,
@@ -100,6 +101,7 @@ class ChartRLTrainer(GRPOTrainer):
         self._fast_rollouts: bool | None = None  # decided at the first generation
         self._skip_optimizer_step = False
         self.nonfinite_steps = 0  # optimizer steps skipped for NaN/inf gradients
+        self._nonfinite_counted_history = False
         self._last_rewards_per_func: torch.Tensor | None = None
         if mode != "grpo" and self.args.steps_per_generation != self.args.gradient_accumulation_steps:
             raise ValueError(f"mode {mode} needs steps_per_generation == gradient_accumulation_steps (one generation "
@@ -221,9 +223,18 @@ class ChartRLTrainer(GRPOTrainer):
     def _skip_nonfinite_step(self) -> None:
         """A NaN or inf gradient (a NaN loss, a bf16/fp16 overflow) would make every weight NaN for the rest of
         the run: the step is skipped instead, said on the console and counted (``optimizer/nonfinite_steps``)."""
+        self._count_nonfinite_before_this_process()
         self.nonfinite_steps += 1
         log.warning("step %d: non-finite gradients; optimizer step skipped (%d such steps so far)",
                     self.state.global_step + 1, self.nonfinite_steps)
+
+    def _count_nonfinite_before_this_process(self) -> None:
+        """A resumed run starts counting from what its loaded log history says (once, before this process logs)."""
+        if self._nonfinite_counted_history:
+            return
+        self._nonfinite_counted_history = True
+        self.nonfinite_steps += int(max((entry.get(NONFINITE_KEY, 0) for entry in self.state.log_history),
+                                        default=0))
 
     # -- model card -----------------------------------------------------------------------------
     run_config: RunConfig | None = None  # set by build_trainer; the model card describes this run
@@ -240,8 +251,9 @@ class ChartRLTrainer(GRPOTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if torch.cuda.is_available():
             logs["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30  # this process's GPU, GiB
+        self._count_nonfinite_before_this_process()
         if self.nonfinite_steps:
-            logs["optimizer/nonfinite_steps"] = self.nonfinite_steps  # so far in this run
+            logs[NONFINITE_KEY] = self.nonfinite_steps  # so far in this run, resumed parts included
         super().log(logs, start_time)
 
     def _log_mode_statistics(self, correct, keep, total, train: bool) -> None:
@@ -317,8 +329,8 @@ def format_log_line(mode: str, step: int, max_steps: int, logs: dict[str, Any], 
                      "per batch")
     if "mode/empty_step" in logs:
         parts.append(f"{logs['mode/empty_step']:.0%} empty steps")
-    if logs.get("optimizer/nonfinite_steps"):
-        parts.append(f"{logs['optimizer/nonfinite_steps']:.0f} non-finite steps skipped")
+    if logs.get(NONFINITE_KEY):
+        parts.append(f"{logs[NONFINITE_KEY]:.0f} non-finite steps skipped")
     remaining = max(max_steps - step, 0) * seconds_per_step
     parts.append(f"{seconds_per_step:.2f} s/step, ETA {_hms(remaining)}")
     return f"{mode.upper()} [step {step}/{max_steps}] " + " | ".join(parts)

@@ -302,6 +302,20 @@ def test_a_step_with_nonfinite_gradients_is_skipped_and_counted(tmp_path, datase
     assert not all(torch.equal(b, p) for b, p in zip(before, params)) and trainer.nonfinite_steps == 1
 
 
+def test_a_resumed_run_counts_the_nonfinite_steps_of_its_log_history(tmp_path, dataset):
+    trainer = make_trainer(tmp_path, dataset, "psr")
+    trainer.state.log_history = [{"step": 5, "loss": 0.1}, {"step": 10, "optimizer/nonfinite_steps": 3}]
+    optimizer = trainer.create_optimizer()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:
+        p.grad = torch.full_like(p, float("nan"))
+    optimizer.step()
+    assert trainer.nonfinite_steps == 4
+    logs = {"loss": 0.2}
+    trainer.log(logs)
+    assert logs["optimizer/nonfinite_steps"] == 4
+
+
 @pytest.mark.parametrize("grads, expected", [
     ([[1.0, 2.0], [3.0]], True), ([[1.0, float("nan")], [3.0]], False), ([[1.0], [float("-inf")]], False),
     ([None, [0.0]], True), ([None], True),
