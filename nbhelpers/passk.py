@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import lzma
 import json
 import numbers
 import os
@@ -143,7 +144,7 @@ def samples_lines(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not a samples file (JSON Lines)")
-    opener = gzip.open if path.name.endswith(".gz") else open
+    opener = gzip.open if path.name.endswith(".gz") else lzma.open if path.name.endswith(".xz") else open
     with opener(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
@@ -155,7 +156,7 @@ def samples_lines(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
 
 
 def read_samples(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[ProblemCounts]:
-    """Read one or more samples files (``.jsonl``, or gzip-compressed ``.jsonl.gz``) into per-problem
+    """Read one or more samples files (``.jsonl``, or compressed ``.jsonl.gz`` / ``.jsonl.xz``) into per-problem
     counts, in file order.
 
     Raises InputError naming the file and line for a bad JSON line, a missing field, a

@@ -6,8 +6,8 @@ end-to-end check marked slow, which runs study.py and report.py on tiny-random w
 
 from __future__ import annotations
 
-import gzip
 import json
+import lzma
 import os
 import signal
 import subprocess
@@ -142,7 +142,7 @@ def test_run_part_publishes_samples_logs_and_marker(small_study):
     part = small_study.part("psr-s0")
     marker = study.run_part(small_study, part, train=fake_train, sample=fake_sample)
     assert study_settings.part_status(small_study, part) == "done"
-    with gzip.open(small_study.samples_path(part), "rt") as handle:
+    with lzma.open(small_study.samples_path(part), "rt") as handle:
         records = [json.loads(line) for line in handle]
     assert [r["id"] for r in records] == ["p0", "p1", "p2"]
     assert records[0]["meta"]["checkpoint"].endswith("psr-s0/final")
@@ -161,19 +161,19 @@ def test_export_writes_one_tar_per_part_relative_to_the_study_folder(small_study
     with tarfile.open(path) as tar:
         names = sorted(tar.getnames())
     assert names == ["runs/grpo-s0", "runs/grpo-s0/part.json", "runs/grpo-s0/train-config.yaml",
-                     "runs/grpo-s0/trainer_state.json", "samples/grpo-s0.jsonl.gz"]
+                     "runs/grpo-s0/trainer_state.json", "samples/grpo-s0.jsonl.xz"]
 
 
-def test_gzip_samples_are_reproducible_and_read_by_passk(small_study, tmp_path):
+def test_xz_samples_are_reproducible_and_read_by_passk(small_study, tmp_path):
     part = small_study.part("base")
     study.run_part(small_study, part, sample=fake_sample)
     packed = small_study.samples_path(part)
     first = packed.read_bytes()
-    study._write_gzip(small_study.work_path(part) / "samples.jsonl", packed)
-    assert packed.read_bytes() == first and first[4:8] == bytes(4)  # gzip header mtime 0: same samples, same bytes
-    from_gz = passk.read_samples(packed)
+    study._write_xz(small_study.work_path(part) / "samples.jsonl", packed)
+    assert packed.read_bytes() == first and first[:6] == b"\xfd7zXZ\x00"  # xz: same samples, same bytes
+    from_xz = passk.read_samples(packed)
     from_plain = passk.read_samples(small_study.work_path(part) / "samples.jsonl")
-    assert [(p.id, p.n, p.c) for p in from_gz] == [(p.id, p.n, p.c) for p in from_plain] == \
+    assert [(p.id, p.n, p.c) for p in from_xz] == [(p.id, p.n, p.c) for p in from_plain] == \
         [("p0", 4, 0), ("p1", 4, 1), ("p2", 4, 2)]
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/sandbox/report.py
 
-Reads samples/<part>.jsonl.gz and runs/<part>/ (trainer_state.json, part.json) of the parts that are done;
+Reads samples/<part>.jsonl.xz and runs/<part>/ (trainer_state.json, part.json) of the parts that are done;
 writes results/ (Pass@k per part, pooled per mode, paired comparisons, the pattern verdict), figures/ and the
 generated section of README.md. Parts not done are listed as missing; nothing fails for their absence.
 """

@@ -3,7 +3,7 @@
 Shared by the runner (study.py) and the report (report.py). A part is either ``base`` (samples of the base
 model) or ``<mode>-s<seed>`` (train that mode with that seed, then sample the trained model). A part is done
 when its marker ``runs/<part>/part.json`` exists with the fingerprint of the current settings and its samples
-file ``samples/<part>.jsonl.gz`` exists; the marker is written last, so a part killed at any moment is not done.
+file ``samples/<part>.jsonl.xz`` exists; the marker is written last, so a part killed at any moment is not done.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class StudySettings:
 
     # --- paths ---------------------------------------------------------------------------------------
     def samples_path(self, part: Part) -> Path:
-        return self.root / "samples" / f"{part.name}.jsonl.gz"
+        return self.root / "samples" / f"{part.name}.jsonl.xz"
 
     def run_path(self, part: Part) -> Path:
         """Committed logs and the marker of a part (no checkpoints)."""
