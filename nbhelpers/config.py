@@ -52,7 +52,7 @@ class RunConfig:
 
     # --- what to train -------------------------------------------------------------------
     mode: str = _help("Objective: grpo, psr, nsr or w-reinforce.", default="grpo")
-    vlm_name: str = _help("Model registry name (tiny-random, qwen2-5-3b, qwen2-5-7b, "
+    vlm_name: str = _help("Model registry name (tiny-pretrained, tiny-random, qwen2-5-3b, qwen2-5-7b, "
                           "qwen2-5-3b-random) or a local model folder.", default="tiny-random")
     dataset_name: str = _help("Training dataset registry name (synthetic, chart-rvr-train, ...).",
                               default="synthetic")

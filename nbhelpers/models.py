@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -249,11 +250,26 @@ def load_model(vlm_name: str, dtype: torch.dtype = torch.float32, device: str | 
         return PeftModel.from_pretrained(base, location, is_trainable=False).to(device)
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        location, dtype=dtype, attn_implementation=attn_implementation).to(device)
+    with _no_loading_bar():
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            location, dtype=dtype, attn_implementation=attn_implementation).to(device)
     if kind == "asset":  # adapters and fine-tuned copies name the registry entry, not this machine's path
         model.config._name_or_path = model.name_or_path = vlm_name
     return model
+
+
+@contextlib.contextmanager
+def _no_loading_bar():
+    """transformers' "Loading weights" bar is off while loading: in a notebook it is a widget, saved at 0%."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def lora_config(r: int = 8, alpha: int = 16, dropout: float = 0.05, targets=None):

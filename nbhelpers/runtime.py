@@ -66,8 +66,8 @@ def environment_report(platform: PlatformInfo) -> str:
 def recommendation(platform: PlatformInfo) -> str:
     """The platform file and preset to set in 10_train and 20_generate, and why."""
     preset = recommend_preset(platform)
-    why = ("no GPU with enough memory for the 3B model: smoke runs the whole pipeline on a tiny random "
-           "model and synthetic charts" if preset == "smoke" else
+    why = ("no GPU with enough memory for the 3B model: smoke runs the whole pipeline on a tiny "
+           "pretrained chart model and synthetic charts" if preset == "smoke" else
            "poc trains the 3B model on 100 problems to check the pipeline; then move on to ultra-fast "
            "(1K problems), fast (10K), moderate or safe (34K) and paper (34K, 4 epochs); 10_train prints "
            "the number of steps of each before it starts")

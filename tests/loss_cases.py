@@ -19,6 +19,8 @@ from nbhelpers.data import make_synthetic_examples, to_trl_dataset
 from nbhelpers.rewards import completion_text
 from nbhelpers.trainer import ChartRLTrainer, grpo_config, select_rows
 
+TINY = Path(__file__).parent / "tiny-random.yaml"  # layered after smoke: speed, not answers
+
 G = 4
 PIXELS = 56 * 56
 ROWS = 16  # completions in the generation batch
@@ -64,7 +66,7 @@ def problems() -> list[dict]:
 
 def build_trainer(out_dir: Path) -> ChartRLTrainer:
     """A psr trainer (mode and loss type are switched per case) on tiny-random with LoRA B made non-zero."""
-    cfg = load_config([resolve_parameter_file("smoke", "presets")],
+    cfg = load_config([resolve_parameter_file("smoke", "presets"), TINY],
                       {"mode": "psr", "max_completion_length": 12, "batch_size": ROWS // MICRO_BATCHES,
                        "num_generations": G, "gradient_accumulation_steps": MICRO_BATCHES, "report_to": ["none"],
                        "temperature": 1.0, "lora_dropout": 0.0})

@@ -1,6 +1,6 @@
 """``python -m nbhelpers batch``: the README's main job, run once end to end on the smoke preset
-(10_train and 20_generate for all four modes, then 30_passk, with papermill on the CPU), with
-per-mode checks reading its outputs; and the batch's bookkeeping with a stand-in executor."""
+(tiny-pretrained; 10_train and 20_generate for all four modes, then 30_passk, with papermill on the CPU),
+with per-mode checks reading its outputs; and the batch's bookkeeping with a stand-in executor."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from nbhelpers.config import MODES, REPO_ROOT, ConfigError
 from nbhelpers.passk import load_results
 
 BATCH_TIMEOUT_S = 900
-SMOKE_PROBLEMS, SMOKE_SAMPLES = 4, 8  # max_problems and n_samples of the smoke preset
+SMOKE_PROBLEMS, SMOKE_SAMPLES = 8, 32  # max_problems and n_samples of the smoke preset
 
 
 # ------------------------------------------------------------------------------------------ the real batch, once
@@ -71,7 +71,7 @@ def test_mode_was_trained_through_the_notebook(smoke_batch, mode):
     assert yaml.safe_load((run / "config.yaml").read_text())["config"]["mode"] == mode
     assert (run / "final" / "adapter_config.json").is_file()
     assert (run / "training_curves.png").stat().st_size > 0
-    assert "logged steps: 2" in (run / "summary.txt").read_text()
+    assert "logged steps: 4" in (run / "summary.txt").read_text()
 
 
 @pytest.mark.slow
@@ -101,7 +101,7 @@ def test_mode_has_passk_results(smoke_batch, mode):
     _, folder = smoke_batch
     results = load_results(folder / "results" / f"{mode}.json")
     assert (results["method"], results["n_problems"], results["n_samples"]) == (mode, SMOKE_PROBLEMS, SMOKE_SAMPLES)
-    assert list(results["pass_at_k"]) == ["1", "2", "4", "8"]
+    assert list(results["pass_at_k"]) == ["1", "2", "4", "8", "16", "32"]
 
 
 @pytest.mark.slow
@@ -115,6 +115,19 @@ def test_passk_notebook_compares_all_modes_against_grpo(smoke_batch):
     for figure in ("passk_curves.png", "improvement.png", "bars.png"):
         assert (folder / "figures" / figure).stat().st_size > 0, figure
     assert not (folder / "figures" / "passk_all.png").exists()  # the explorer's overall view is passk_curves.png
+
+
+@pytest.mark.slow
+def test_real_default_earns_rewards_and_the_modes_pass_at_k_differ(smoke_batch):
+    """The README's promise for tiny-pretrained: non-zero rewards while training, four different curves."""
+    _, folder = smoke_batch
+    logs = {mode: [h for h in json.loads((smoke_run_dir(folder, mode) / "trainer_state.json").read_text())
+                   ["log_history"] if "reward" in h] for mode in MODES}
+    assert all(len(steps) == 4 and min(h["reward"] for h in steps) > 0 for steps in logs.values()), logs
+    assert any(h["rewards/accuracy_reward/mean"] > 0 for steps in logs.values() for h in steps), logs
+    curves = {mode: tuple(load_results(folder / "results" / f"{mode}.json")["pass_at_k"].values()) for mode in MODES}
+    assert all(curve[-1] > 0 for curve in curves.values()), curves
+    assert len(set(curves.values())) == len(MODES), curves
 
 
 # ------------------------------------------------------------------------------------------ bookkeeping

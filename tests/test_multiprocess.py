@@ -9,11 +9,14 @@ different numbers of rows, averaged over the processes as DDP does, against one 
 import json
 import os
 import socket
+from pathlib import Path
 
 import loss_cases
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+TINY = Path(__file__).parent / "tiny-random.yaml"  # layered after smoke: speed, not answers
 
 pytestmark = pytest.mark.slow
 GLOBAL_BATCH = 8  # completions per optimizer step: 2 prompts x 4 generations
@@ -32,7 +35,7 @@ def worker(rank, world, port, out_dir, mode):
     from nbhelpers import trainer as trainer_module
     from nbhelpers.config import load_config, resolve_parameter_file
 
-    cfg = load_config([resolve_parameter_file("smoke", "presets")],
+    cfg = load_config([resolve_parameter_file("smoke", "presets"), TINY],
                       {"mode": mode, "top_k": 1, "batch_size": GLOBAL_BATCH // world, "num_generations": 4,
                        "gradient_accumulation_steps": 1, "max_steps": 2, "lora_dropout": 0.0, "report_to": ["none"],
                        "save_steps": 100, "output_root": str(out_dir), "run_name": f"world{world}",

@@ -26,6 +26,7 @@ SAMPLING_KEYS = {"eval_dataset", "eval_split", "n_samples", "max_problems", "sam
                  "sample_max_new_tokens", "sample_chunk_size", "passk_ks", "bootstrap", "eval_max_pixels"}
 FILE_PARAMETERS = {"mode", "preset", "platform", "params_files"}
 MAX_CALL_CELL_LINES = 6
+TINY = Path(__file__).parent / "tiny-random.yaml"  # layered after smoke: speed, not answers
 
 
 # ------------------------------------------------------------------------------------------ stored notebooks
@@ -105,8 +106,8 @@ def test_papermill_help_lists_every_parameter(name):
 # ------------------------------------------------------------------------------------------ params: configuration
 def test_notebook_config_applies_mode_preset_platform_then_parameters():
     cfg = params.notebook_config("nsr", "smoke", "local-cpu", subset_size=4, learning_rate=None)
-    assert (cfg.mode, cfg.vlm_name, cfg.dtype, cfg.subset_size) == ("nsr", "tiny-random", "fp32", 4)
-    assert cfg.learning_rate == 0.001  # None keeps the preset's value
+    assert (cfg.mode, cfg.vlm_name, cfg.dtype, cfg.subset_size) == ("nsr", "tiny-pretrained", "fp32", 4)
+    assert cfg.learning_rate == 0.002  # None keeps the preset's value
     assert cfg._sources["subset_size"] == params.PARAMETER_SOURCE
     assert cfg._sources["mode"].endswith("modes/nsr.yaml")
     assert cfg._sources["dtype"].endswith("platforms/local-cpu.yaml")
@@ -237,11 +238,11 @@ def smoke_cfg(tmp_path):
 def test_checkpoint_none_is_the_base_model(smoke_cfg, tmp_path):
     plan = sampling_setup.sampling_plan(smoke_cfg, None)
     assert (plan.checkpoint, plan.method) == (None, "base")
-    assert plan.samples_path == Path("samples/base_synthetic_n8.jsonl")
+    assert plan.samples_path == Path("samples/base_synthetic_n32.jsonl")
 
 
 def test_checkpoint_run_is_the_final_model_of_the_trained_run(smoke_cfg):
-    with pytest.raises(FileNotFoundError, match="psr_tiny-random_synthetic_n8_s42"):
+    with pytest.raises(FileNotFoundError, match="psr_tiny-pretrained_synthetic_n16_s42"):
         sampling_setup.resolve_checkpoint(smoke_cfg, "run")
     (smoke_cfg.run_dir() / "final").mkdir(parents=True)
     plan = sampling_setup.sampling_plan(smoke_cfg, "run", samples_path="s.jsonl")
@@ -430,7 +431,8 @@ def test_setup_notebook_runs_locally(tmp_path):
 
 @pytest.mark.slow
 def test_launch_training_through_accelerate_on_cpu(tmp_path):
-    cfg = params.notebook_config("nsr", "smoke", "local-cpu", output_root=str(tmp_path / "runs"))
+    cfg = params.notebook_config("nsr", "smoke", "local-cpu", params_files=str(TINY),
+                                  output_root=str(tmp_path / "runs"))
     out = io.StringIO()
     run_dir = launch.launch_training(cfg, run=lambda command, **kw: launch.run_streaming(command, out=out, **kw))
     assert (run_dir / "final" / "adapter_config.json").is_file()

@@ -4,6 +4,7 @@ fallback switches (nbhelpers.rollout). CPU unless marked ``gpu``."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from nbhelpers.models import apply_lora, build_offline_processor, build_random_m
 from nbhelpers.rollout import Request, RolloutEngine, stock_generate
 from nbhelpers.rollout.weights import DecodeWeights, lora_parts, merged_weight
 from test_rollout import TINY_EOS, TINY_PAD, _chi_square_p, gpu, prompt_inputs, tiny_model, tiny_processor  # noqa: F401
+
+TINY = Path(__file__).parent / "tiny-random.yaml"  # layered after smoke: speed, not answers
 
 
 def text_prompt(processor, text: str) -> dict:
@@ -342,7 +345,8 @@ def test_samples_file_through_the_engine_resumes_to_the_same_samples(tmp_path, m
     from nbhelpers.data import load_examples
 
     monkeypatch.setattr(rollout.dispatch, "resolve_engine", lambda engine, model: "fast")  # the engine on CPU
-    cfg = load_config([resolve_parameter_file("smoke", "presets"), resolve_parameter_file("local-cpu", "platforms")],
+    cfg = load_config([resolve_parameter_file("smoke", "presets"), TINY,
+                       resolve_parameter_file("local-cpu", "platforms")],
                       {"n_samples": 4, "sample_chunk_size": 3, "sample_max_new_tokens": 6})
     model = build_random_model("tiny-random").eval()
     processor = build_offline_processor(cfg.eval_max_pixels, tiny=True)

@@ -16,9 +16,12 @@ from nbhelpers.config import FIELDS, NOT_TRAINING_KEYS, TRAINING_KEYS, load_conf
 from nbhelpers.model_card import model_card
 from nbhelpers.provenance import ProvenanceError, check_run_folder, run_differences
 
+TINY = Path(__file__).parent / "tiny-random.yaml"  # layered after smoke: speed, not answers
+
 
 def preset_config(preset, mode="nsr", platform="local-cpu", **overrides):
     files = [resolve_parameter_file(mode, "modes"), resolve_parameter_file(preset, "presets"),
+             *([TINY] if preset == "smoke" else []),
              resolve_parameter_file(platform, "platforms")]
     return load_config(files, overrides)
 

@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +13,12 @@ from nbhelpers.config import load_config, resolve_parameter_file
 from nbhelpers.passk import read_samples
 from nbhelpers.sampling import SamplesWriter, finished_problems, repair_samples_file
 
+TINY = Path(__file__).parent / "tiny-random.yaml"  # layered after smoke: speed, not answers
+
 
 def smoke(**overrides):
-    return load_config([resolve_parameter_file("smoke", "presets"), resolve_parameter_file("local-cpu", "platforms")],
+    return load_config([resolve_parameter_file("smoke", "presets"), TINY,
+                        resolve_parameter_file("local-cpu", "platforms")],
                        overrides)
 
 
@@ -84,8 +88,8 @@ def test_problem_seed_is_order_independent():
 
 
 def sample_command(out, problems):
-    return [sys.executable, "-m", "nbhelpers", "sample", "--params", "smoke", "--params", "local-cpu",
-            "--out", str(out), "--set", f"max_problems={problems}", "--set", "n_samples=8"]
+    return [sys.executable, "-m", "nbhelpers", "sample", "--params", "smoke", "--params", str(TINY),
+            "--params", "local-cpu", "--out", str(out), "--set", f"max_problems={problems}", "--set", "n_samples=8"]
 
 
 @pytest.mark.slow
@@ -211,8 +215,8 @@ def file_bytes(*paths):
 
 
 def sample_args(out):
-    return ["sample", "--params", "smoke", "--params", "local-cpu", "--out", str(out), "--set", "max_problems=1",
-            "--set", "n_samples=2"]
+    return ["sample", "--params", "smoke", "--params", str(TINY), "--params", "local-cpu", "--out", str(out),
+            "--set", "max_problems=1", "--set", "n_samples=2"]
 
 
 @pytest.fixture(scope="module")

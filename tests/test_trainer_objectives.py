@@ -6,6 +6,7 @@ completion's length), which gives a mix of correct and incorrect samples with ra
 """
 
 import contextlib
+from pathlib import Path
 
 import loss_cases
 import pytest
@@ -20,6 +21,8 @@ from nbhelpers.platform import deepspeed_config_path
 from nbhelpers.rewards import completion_text
 from nbhelpers.trainer import ChartRLTrainer, gradients_are_finite, grpo_config, left_out_loss_scale, \
     without_left_out_rows
+
+TINY = Path(__file__).parent / "tiny-random.yaml"  # layered after smoke: speed, not answers
 
 G = 4
 PIXELS = 56 * 56
@@ -41,7 +44,7 @@ def dataset():
 
 def make_trainer(tmp_path, dataset, mode, loss_type="dapo", stock=False, rewards=(accuracy_reward, length_reward),
                  deepspeed_file=None):
-    cfg = load_config([resolve_parameter_file("smoke", "presets")],
+    cfg = load_config([resolve_parameter_file("smoke", "presets"), TINY],
                       {"mode": mode, "loss_type": loss_type, "max_completion_length": 12, "batch_size": 2 * G,
                        "num_generations": G, "gradient_accumulation_steps": 1, "report_to": ["none"],
                        "temperature": 1.0, "lora_dropout": 0.0})
@@ -336,7 +339,7 @@ def test_gradients_are_finite(grads, expected):
     ({}, {"epsilon_high": 0.2}), ({"loss_type": "cispo"}, {"loss_type": "cispo", "epsilon_high": 5.0}),
 ])
 def test_grpo_config_carries_the_run_settings(tmp_path, overrides, expected):
-    cfg = load_config([resolve_parameter_file("smoke", "presets")], {"report_to": ["none"], **overrides})
+    cfg = load_config([resolve_parameter_file("smoke", "presets"), TINY], {"report_to": ["none"], **overrides})
     args = grpo_config(cfg, tmp_path, "fp32", use_cpu=True, deepspeed_file=None)
     assert {key: getattr(args, key) for key in expected} == expected
 

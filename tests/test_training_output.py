@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,8 @@ from transformers.trainer_callback import TrainerControl, TrainerState
 
 from nbhelpers.config import load_config, resolve_parameter_file
 from nbhelpers.trainer import StepLineCallback, TensorBoardNumbers, format_log_line, grpo_config
+
+TINY = Path(__file__).parent / "tiny-random.yaml"  # layered after smoke: speed, not answers
 
 LOGS = {"loss": 0.01234, "reward": 1.853, "mode/accuracy": 0.25, "mode/kept_positive": 0.0,
         "mode/kept_negative": 3.5, "mode/empty_step": 0.0, "clip_ratio/low_min": None}
@@ -59,7 +62,7 @@ def test_tensorboard_gets_no_none_values(monkeypatch):
 
 
 def test_grpo_config_raises_no_deprecation_warning(tmp_path):
-    cfg = load_config([resolve_parameter_file("smoke")], {"gradient_checkpointing": True})
+    cfg = load_config([resolve_parameter_file("smoke"), TINY], {"gradient_checkpointing": True})
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)
@@ -69,8 +72,8 @@ def test_grpo_config_raises_no_deprecation_warning(tmp_path):
 
 @pytest.mark.slow
 def test_cli_training_output_is_quiet_and_readable(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "nbhelpers", "train", "--preset", "smoke", "--params", "psr",
-                          "--platform", "local-cpu", "--set", f"output_root={tmp_path}"],
+    out = subprocess.run([sys.executable, "-m", "nbhelpers", "train", "--preset", "smoke", "--params", str(TINY),
+                          "--params", "psr", "--platform", "local-cpu", "--set", f"output_root={tmp_path}"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout + out.stderr

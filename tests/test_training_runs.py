@@ -1,4 +1,4 @@
-"""End-to-end training on the smoke preset (CPU, tiny-random, synthetic charts).
+"""End-to-end training on the smoke preset with the tiny-random overlay (CPU, synthetic charts).
 
 Slow checks that run once: every mode trains 2 steps and writes logs, checkpoints and its resolved
 configuration; a training process SIGKILLed at random moments (also mid-save and mid-sync) and
@@ -23,11 +23,12 @@ from nbhelpers.sync import checkpoint_problem, find_resume_checkpoint, is_comple
 from nbhelpers.trainer import train
 
 pytestmark = pytest.mark.slow
+TINY = Path(__file__).parent / "tiny-random.yaml"  # layered after smoke: speed, not answers
 MODES = ("grpo", "psr", "nsr", "w-reinforce")
 
 
 def smoke_config(mode, root, **overrides):
-    files = [resolve_parameter_file(mode, "modes"), resolve_parameter_file("smoke", "presets"),
+    files = [resolve_parameter_file(mode, "modes"), resolve_parameter_file("smoke", "presets"), TINY,
              resolve_parameter_file("local-cpu", "platforms")]
     return load_config(files, {"output_root": str(root), **overrides})
 
@@ -110,7 +111,7 @@ def test_rerun_after_a_kill_between_last_checkpoint_and_final_save(trained_runs,
 
 # ------------------------------------------------------------------------------------------ kill and resume
 def train_command(root, store, steps):
-    return [sys.executable, "-m", "nbhelpers", "train", "--params", "smoke", "--params", "nsr",
+    return [sys.executable, "-m", "nbhelpers", "train", "--params", "smoke", "--params", str(TINY), "--params", "nsr",
             "--set", f"output_root={root}", "--set", f"persistent_root={store}", "--set", f"max_steps={steps}",
             "--set", "save_total_limit=2"]
 
