@@ -1,6 +1,6 @@
 """The data-parallel (DDP) training path on one GPU, with the fast rollout engine: run through
 ``benchmarks/dp_one_gpu.sh`` (``accelerate launch`` with ``nbhelpers/launch_configs/multi-gpu.yaml`` and
-``--num_processes 1``). tiny-random, smoke settings, mode nsr (left-out rows), ``rollout_engine: fast``, which
+``--num_processes 1``). The smoke preset (tiny-pretrained), mode nsr (left-out rows), ``rollout_engine: fast``, which
 stops with an error if the engine cannot run. Accelerate does not wrap a one-process model in DDP, so after
 training the model is wrapped in torch's DistributedDataParallel by hand and one more generation batch runs
 through the engine. Prints the setup and the evidence; the last line starts with ``DP ONE GPU OK``.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU: the fast rollout engine under full_determinism, the same 3-step run twice (tiny-random, bf16);
+# One GPU: the fast rollout engine under full_determinism, the same 3-step run twice (the smoke preset: tiny-pretrained, bf16);
 # prints whether the two final adapters are bitwise equal. Usage: bash benchmarks/one_gpu_determinism.sh OUT_DIR
 set -uo pipefail
 OUT=${1:?output folder}
