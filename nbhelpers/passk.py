@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import lzma
 import json
+import lzma
 import numbers
 import os
 import tempfile

@@ -18,8 +18,8 @@ from nbhelpers.config import LOSS_TYPES, load_config, resolve_parameter_file
 from nbhelpers.data import make_synthetic_examples, to_trl_dataset
 from nbhelpers.rewards import completion_text
 from nbhelpers.trainer import ChartRLTrainer, grpo_config, select_rows
+from fast_presets import TINY
 
-TINY = Path(__file__).parent / "tiny-random.yaml"  # layered after smoke: speed, not answers
 
 G = 4
 PIXELS = 56 * 56

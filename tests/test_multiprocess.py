@@ -9,14 +9,13 @@ different numbers of rows, averaged over the processes as DDP does, against one 
 import json
 import os
 import socket
-from pathlib import Path
 
 import loss_cases
 import pytest
 import torch
 import torch.multiprocessing as mp
+from fast_presets import TINY
 
-TINY = Path(__file__).parent / "tiny-random.yaml"  # layered after smoke: speed, not answers
 
 pytestmark = pytest.mark.slow
 GLOBAL_BATCH = 8  # completions per optimizer step: 2 prompts x 4 generations

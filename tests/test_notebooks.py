@@ -21,12 +21,12 @@ from nbhelpers import comparison, drive, install, launch, params, runtime, sampl
 from nbhelpers.config import FIELDS, REPO_ROOT, ConfigError, load_config
 from nbhelpers.platform import GPUInfo, PlatformInfo, detect_platform
 from nbhelpers.sync import write_manifest
+from fast_presets import TINY
 
 SAMPLING_KEYS = {"eval_dataset", "eval_split", "n_samples", "max_problems", "sample_temperature", "sample_top_p",
                  "sample_max_new_tokens", "sample_chunk_size", "passk_ks", "bootstrap", "eval_max_pixels"}
 FILE_PARAMETERS = {"mode", "preset", "platform", "params_files"}
 MAX_CALL_CELL_LINES = 6
-TINY = Path(__file__).parent / "tiny-random.yaml"  # layered after smoke: speed, not answers
 
 
 # ------------------------------------------------------------------------------------------ stored notebooks

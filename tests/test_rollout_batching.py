@@ -4,7 +4,6 @@ fallback switches (nbhelpers.rollout). CPU unless marked ``gpu``."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,8 @@ from nbhelpers.models import apply_lora, build_offline_processor, build_random_m
 from nbhelpers.rollout import Request, RolloutEngine, stock_generate
 from nbhelpers.rollout.weights import DecodeWeights, lora_parts, merged_weight
 from test_rollout import TINY_EOS, TINY_PAD, _chi_square_p, gpu, prompt_inputs, tiny_model, tiny_processor  # noqa: F401
+from fast_presets import TINY
 
-TINY = Path(__file__).parent / "tiny-random.yaml"  # layered after smoke: speed, not answers
 
 
 def text_prompt(processor, text: str) -> dict:

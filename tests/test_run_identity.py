@@ -15,8 +15,8 @@ from nbhelpers.config import FIELDS, NOT_TRAINING_KEYS, TRAINING_KEYS, load_conf
     save_resolved_config, training_fingerprint
 from nbhelpers.model_card import model_card
 from nbhelpers.provenance import ProvenanceError, check_run_folder, run_differences
+from fast_presets import TINY
 
-TINY = Path(__file__).parent / "tiny-random.yaml"  # layered after smoke: speed, not answers
 
 
 def preset_config(preset, mode="nsr", platform="local-cpu", **overrides):

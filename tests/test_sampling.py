@@ -3,7 +3,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +11,8 @@ from nbhelpers import sampling
 from nbhelpers.config import load_config, resolve_parameter_file
 from nbhelpers.passk import read_samples
 from nbhelpers.sampling import SamplesWriter, finished_problems, repair_samples_file
+from fast_presets import TINY
 
-TINY = Path(__file__).parent / "tiny-random.yaml"  # layered after smoke: speed, not answers
 
 
 def smoke(**overrides):

@@ -3,12 +3,11 @@ use_cache off for training; without a fix every decode step would rerun the whol
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from nbhelpers.config import load_config, resolve_parameter_file
 from nbhelpers.trainer import build_trainer
+from fast_presets import TINY
 
-TINY = Path(__file__).parent / "tiny-random.yaml"
 
 
 def test_stock_rollouts_decode_one_token_per_step_with_a_cache(tmp_path):

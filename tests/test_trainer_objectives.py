@@ -6,7 +6,6 @@ completion's length), which gives a mix of correct and incorrect samples with ra
 """
 
 import contextlib
-from pathlib import Path
 
 import loss_cases
 import pytest
@@ -21,8 +20,7 @@ from nbhelpers.platform import deepspeed_config_path
 from nbhelpers.rewards import completion_text
 from nbhelpers.trainer import ChartRLTrainer, gradients_are_finite, grpo_config, left_out_loss_scale, \
     without_left_out_rows
-
-TINY = Path(__file__).parent / "tiny-random.yaml"  # layered after smoke: speed, not answers
+from fast_presets import TINY
 
 G = 4
 PIXELS = 56 * 56

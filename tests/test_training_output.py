@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,8 +13,8 @@ from transformers.trainer_callback import TrainerControl, TrainerState
 
 from nbhelpers.config import load_config, resolve_parameter_file
 from nbhelpers.trainer import StepLineCallback, TensorBoardNumbers, format_log_line, grpo_config
+from fast_presets import TINY
 
-TINY = Path(__file__).parent / "tiny-random.yaml"  # layered after smoke: speed, not answers
 
 LOGS = {"loss": 0.01234, "reward": 1.853, "mode/accuracy": 0.25, "mode/kept_positive": 0.0,
         "mode/kept_negative": 3.5, "mode/empty_step": 0.0, "clip_ratio/low_min": None}

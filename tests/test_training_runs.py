@@ -21,9 +21,9 @@ from nbhelpers.config import load_config, resolve_parameter_file
 from nbhelpers.monitor import read_run
 from nbhelpers.sync import checkpoint_problem, find_resume_checkpoint, is_complete_checkpoint
 from nbhelpers.trainer import train
+from fast_presets import TINY
 
 pytestmark = pytest.mark.slow
-TINY = Path(__file__).parent / "tiny-random.yaml"  # layered after smoke: speed, not answers
 MODES = ("grpo", "psr", "nsr", "w-reinforce")
 
 
