@@ -9,12 +9,15 @@ length with ``min_new_tokens``. Sections (run several per call; results merge in
 * ``engine``    the engine alone (variants: fused elementwise ops or not, CUDA graphs or eager);
 * ``decode``    the engine alone at n = 16, 64, 256, bare and with LoRA r=8 attached (decode weights fused and
   merged; at the largest n also adapters cast to bf16 and the PEFT modules as they are), with roofline fractions;
-* ``continuous`` continuous batching: 4 problems x 256 samples with forced lengths drawn around a mean of 250
+* ``continuous`` continuous batching: 16 problems (``--continuous-problems``) x 256 samples with forced lengths drawn around a mean of 250
   (tail to the full length) streamed through 256 rows, vs forced full length, vs one problem at a time;
 * ``train-fast`` / ``train-safe``  stock GRPOTrainer vs a subclass whose ``_generate_single_turn`` calls
   ``nbhelpers.rollout.trainer_generate``: seconds per optimizer step and peak memory (LoRA r=8 on all
   projections, gradient checkpointing, bf16); ``train-fast-ours`` / ``train-safe-ours``: ours only;
-* ``t4``        our training step at the fast shape in fp16 with the process capped to 15 GB.
+* ``t4``        our training step at the fast shape in fp16 with the process capped to 15 GB;
+* ``passk``     end-to-end Pass@k sampling at real lengths (completions that stop at EOS): ``sample_to_file`` on
+  ``tiny-pretrained``, 300 held-out synthetic problems x 256 samples with the engine (continuous batching),
+  and the first problems with the engine and with stock ``generate`` side by side.
 
     python benchmarks/bench_rollout.py --sections sampling,train-fast --out-dir benchmarks/results
 """
@@ -290,7 +293,7 @@ def forced_lengths(problem: int, n: int, tokens: int) -> list[int]:
 def section_continuous(args, result: dict) -> None:
     processor = build_offline_processor(PIXELS, tiny=False)
     model = build_random_model("qwen2-5-3b-random", torch.bfloat16, "cuda").eval()
-    rows, n, tokens, problems = 256, 256, args.tokens, 4
+    rows, n, tokens, problems = 256, 256, args.tokens, args.continuous_problems
     prompts = [chart_prompt(processor, i) for i in range(problems)]
     engine = RolloutEngine(model, [EOS], PAD, tokens, temperature=1.0, top_p=1.0, min_new_tokens=tokens, max_rows=rows)
 
@@ -443,6 +446,62 @@ def section_t4(args, result: dict) -> None:
         (v.get("peak_gb", 0.0) for v in out.values() if isinstance(v, dict)), default=0.0)
 
 
+def _passk_run(model, processor, engine: str, problems: int, out: Path) -> dict:
+    """Wall time and completion tokens of ``sample_to_file`` (the project's Pass@k sampling) on ``problems``
+    held-out synthetic problems, n = 256, the study's sampling settings (``sandbox/study.yaml``)."""
+    from nbhelpers.config import load_config
+    from nbhelpers.rollout.dispatch import _engines
+    from nbhelpers.sampling import sample_to_file
+
+    cfg = load_config(overrides={
+        "vlm_name": "tiny-pretrained", "eval_dataset": "synthetic", "eval_split": "test", "max_problems": problems,
+        "n_samples": 256, "sample_max_new_tokens": 192, "sample_chunk_size": 256, "eval_max_pixels": 12544,
+        "max_pixels": 12544, "rollout_engine": engine, "seed": 7001, "dtype": "bf16"})
+    out.unlink(missing_ok=True)
+    torch.cuda.reset_peak_memory_stats()
+    _, seconds = timed(lambda: sample_to_file(cfg, out, model=model, processor=processor, method=engine))
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    tokenizer = processor.tokenizer
+    lengths = [len(ids) + 1 for r in records for ids in tokenizer(r["completions"])["input_ids"]]  # + EOS
+    samples = len(lengths)
+    row = {"engine": engine, "problems": len(records), "samples": samples, "s": seconds,
+           "samples_s": samples / seconds, "completion_tokens_approx": sum(lengths), "tok_s": sum(lengths) / seconds,
+           "mean_length": sum(lengths) / samples, "max_length": max(lengths),
+           "pass_at_1": sum(sum(r["correct"]) for r in records) / samples,
+           "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+    if engine == "fast":
+        stats = _engines[model].last_stats
+        row.update({"decode_steps": stats["steps"], "engine_completion_tokens": stats["tokens"],
+                    "row_utilisation": stats["busy_row_steps"] / (stats["rows"] * stats["steps"]),
+                    "decode_ms_per_step": stats["decode_s"] / stats["steps"] * 1e3})
+    return row
+
+
+def section_passk(args, result: dict) -> None:
+    from nbhelpers.config import load_config
+    from nbhelpers.sampling import load_for_sampling
+
+    cfg = load_config(overrides={"vlm_name": "tiny-pretrained", "dtype": "bf16"})
+    model, processor = load_for_sampling(cfg, None, 12544)
+    work = Path(os.environ.get("PASSK_WORK", "/tmp/chartrl-passk"))
+    work.mkdir(parents=True, exist_ok=True)
+    out = result.setdefault("passk_end_to_end", {})
+    out["setting"] = ("tiny-pretrained (bf16, sdpa), synthetic test split (seed 7001), n = 256 at temperature 0.6, "
+                      "top_p 0.95, at most 192 new tokens, 256 rows; completions stop at EOS. Tokens are the saved "
+                      "texts re-tokenized plus one EOS each (approximate for the stock path; the engine's own count "
+                      "is engine_completion_tokens)")
+    _passk_run(model, processor, "fast", 2, work / "warmup.jsonl")  # graph capture and compilation
+    subset = args.passk_subset
+    out["fast_subset"] = _passk_run(model, processor, "fast", subset, work / "fast-subset.jsonl")
+    log(f"passk fast, {subset} problems: {out['fast_subset']}")
+    out["stock_subset"] = _passk_run(model, processor, "stock", subset, work / "stock-subset.jsonl")
+    log(f"passk stock, {subset} problems: {out['stock_subset']}")
+    out["fast_over_stock_subset_samples_s"] = out["fast_subset"]["samples_s"] / out["stock_subset"]["samples_s"]
+    out["fast_full"] = _passk_run(model, processor, "fast", args.passk_problems, work / "fast-full.jsonl")
+    log(f"passk fast, {args.passk_problems} problems: {out['fast_full']}")
+    result["passk_fast_over_stock_samples_s"] = out["fast_over_stock_subset_samples_s"]
+
+
 SECTIONS = {
     "sampling": lambda a, r: section_sampling(a, r, with_stock=True),
     "engine": section_engine_variants,
@@ -453,6 +512,7 @@ SECTIONS = {
     "decode": section_decode,
     "continuous": section_continuous,
     "t4": section_t4,
+    "passk": section_passk,
 }
 
 
@@ -466,6 +526,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--our-steps", type=int, default=3, help="our optimizer steps (the first is warm-up)")
     parser.add_argument("--lora-modes", default="adapters,modules",
                         help="decode-weights modes also timed with LoRA at the largest n (decode section)")
+    parser.add_argument("--continuous-problems", type=int, default=16,
+                        help="problems streamed by the continuous section (256 samples each, forced lengths)")
+    parser.add_argument("--passk-problems", type=int, default=300, help="problems of the passk section's full run")
+    parser.add_argument("--passk-subset", type=int, default=8,
+                        help="problems sampled by both the engine and stock generate in the passk section")
     parser.add_argument("--out-dir", default="benchmarks/results", help="the JSON file <gpu>-<date>.json goes here")
     args = parser.parse_args(argv)
     args.ns = [int(n) for n in args.ns.split(",")]
