@@ -121,7 +121,7 @@ class RunConfig:
     top_k: int = _help("Top-k of training rollouts (0: off; 1: greedy, for reproducibility checks).", default=0)
     max_pixels: int = _help("Pixel budget of training images (width x height).", default=320 * 28 * 28)
     eval_max_pixels: int = _help("Pixel budget of evaluation images.", default=480 * 28 * 28)
-    rollout_engine: str = _help("auto (fast engine on CUDA, else stock), stock, fast or vllm.",
+    rollout_engine: str = _help("auto (the fast engine on CUDA and the CPU, else stock), stock, fast or vllm.",
                                 default="auto")
     # --- logging, checkpoints, persistence -----------------------------------------------
     logging_steps: int = _help("Log every N optimizer steps.", default=10)

@@ -126,8 +126,7 @@ def test_two_processes_with_unequal_kept_rows_match_one_process_gradients(tmp_pa
     torch.save({"state": trainer.model.state_dict(), "batches": batches}, tmp_path / "setup.pt")
     mp.start_processes(gradient_worker, args=(2, free_port(), tmp_path), nprocs=2, join=True, start_method="spawn")
     two = torch.load(tmp_path / "two.pt", weights_only=False)
-    assert two["checks"] == {"wrapper": "DistributedDataParallel",
-                             "engine": "fast rollout engine needs CUDA; the model is on cpu"}
+    assert two["checks"] == {"wrapper": "DistributedDataParallel", "engine": None}
     for pattern, mode, loss_type in loss_cases.CASES:
         loss_cases.set_case(trainer, mode, loss_type)
         one = loss_cases.accumulated_grads(trainer, loss_cases.process_micro_batches(batches[pattern, mode], 1, 0))

@@ -168,22 +168,32 @@ def test_split_prompts_names_the_prompt_without_an_image():
 
 # ------------------------------------------------------------------------------------------ availability
 def test_unavailable_reasons(tiny_model):
-    assert "CUDA" in engine_unavailable_reason(tiny_model)
+    assert engine_unavailable_reason(tiny_model) is None  # CUDA or the CPU
+    with torch.device("meta"):
+        on_meta = type(tiny_model)(tiny_model.config)
+    assert "CUDA or the CPU; the model is on meta" in engine_unavailable_reason(on_meta)
     assert "Linear" in engine_unavailable_reason(torch.nn.Linear(2, 2))
     assert rollout.model_unsupported_reason(tiny_model) is None
 
 
-def test_auto_falls_back_to_stock_on_cpu_and_warns_once(tiny_model, tiny_processor, caplog, monkeypatch):
+def test_auto_runs_the_engine_on_cpu_and_a_forced_fallback_warns_once(tiny_model, tiny_processor, caplog,
+                                                                      monkeypatch):
     monkeypatch.setattr(rollout.notices, "_warned_reasons", set())
     inputs = prompt_inputs(tiny_processor, 1)
     kwargs = dict(max_new_tokens=3, temperature=1.0, top_p=1.0, eos_token_ids=[TINY_EOS], pad_token_id=TINY_PAD)
+    stock_calls = []
+    monkeypatch.setattr(rollout.dispatch, "stock_generate", lambda *a, **k: stock_calls.append(1) or [[TINY_EOS]])
+    first = rollout.sample_completions(tiny_model, inputs, 4, **kwargs)
+    assert len(first) == 4 and all(1 <= len(c) <= 3 for c in first) and stock_calls == []
+    assert rollout.dispatch._engines[tiny_model].device.type == "cpu"
+    monkeypatch.setenv(rollout.FALLBACK_ENV, "stock")
     with caplog.at_level(logging.WARNING, logger="nbhelpers.rollout"):
-        first = rollout.sample_completions(tiny_model, inputs, 4, **kwargs)
         rollout.sample_completions(tiny_model, inputs, 2, **kwargs)
-    assert len(first) == 4 and all(1 <= len(c) <= 3 for c in first)
-    warnings = [r for r in caplog.records if "needs CUDA" in r.getMessage()]
+        rollout.sample_completions(tiny_model, inputs, 2, **kwargs)
+    assert stock_calls == [1, 1]
+    warnings = [r for r in caplog.records if "forces stock generation" in r.getMessage()]
     assert len(warnings) == 1 and "stock generate" in warnings[0].getMessage()
-    with pytest.raises(RuntimeError, match="needs CUDA"):
+    with pytest.raises(RuntimeError, match="forces stock generation"):
         rollout.sample_completions(tiny_model, inputs, 2, engine="fast", **kwargs)
 
 
