@@ -703,9 +703,12 @@ class RolloutEngine:
         position = state.rope_start + state.step
         cos = state.cos.index_select(0, position).unsqueeze(1)  # [R, 1, D]
         sin = state.sin.index_select(0, position).unsqueeze(1)
+        lo, hi = 0, state.prefix_k[0].shape[1]
         if not ops.triton_attention:
-            bias = kernels.attention_bias(state.prefix_start, state.prefix_len, state.step,
-                                          state.prefix_k[0].shape[1], width)
+            if not self.use_cuda_graphs:  # eager: read only the prompt regions some row points at (shapes vary)
+                lo = int(state.prefix_start.min())
+                hi = int(state.prefix_start.max()) + state.region_cap
+            bias = kernels.attention_bias(state.prefix_start - lo, state.prefix_len, state.step, hi - lo, width)
         # each row's completion slot in the flattened [R * KV * S, D] cache (index_copy_, as under determinism)
         slot = ((state.row_ids[:, None] * kv_heads + torch.arange(kv_heads, device=self.device)) * state.suffix_cap
                 + state.step[:, None]).reshape(-1)
@@ -722,7 +725,7 @@ class RolloutEngine:
                                                     state.suffix_v[i], state.prefix_start, state.prefix_len,
                                                     state.step, self.scaling)
             else:
-                o = kernels.shared_prefix_attention(q, state.prefix_k[i], state.prefix_v[i],
+                o = kernels.shared_prefix_attention(q, state.prefix_k[i][:, lo:hi], state.prefix_v[i][:, lo:hi],
                                                     state.suffix_k[i][:, :, :width], state.suffix_v[i][:, :, :width],
                                                     bias, self.scaling, probs_fn=ops.attention_probs,
                                                     out_dtype_ok=self._out_dtype_ok)
