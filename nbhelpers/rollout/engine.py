@@ -705,9 +705,9 @@ class RolloutEngine:
         sin = state.sin.index_select(0, position).unsqueeze(1)
         lo, hi = 0, state.prefix_k[0].shape[1]
         if not ops.triton_attention:
-            if not self.use_cuda_graphs:  # eager: read only the prompt regions some row points at (shapes vary)
+            if not self.use_cuda_graphs:  # eager: read only the prompt slots some row sees (shapes vary)
                 lo = int(state.prefix_start.min())
-                hi = int(state.prefix_start.max()) + state.region_cap
+                hi = int((state.prefix_start + state.prefix_len).max())
             bias = kernels.attention_bias(state.prefix_start - lo, state.prefix_len, state.step, hi - lo, width)
         # each row's completion slot in the flattened [R * KV * S, D] cache (index_copy_, as under determinism)
         slot = ((state.row_ids[:, None] * kv_heads + torch.arange(kv_heads, device=self.device)) * state.suffix_cap
