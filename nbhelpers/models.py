@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +241,9 @@ def _adapter_base(adapter_dir: str) -> str:
 def load_model(vlm_name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                attn_implementation: str = "sdpa"):
     """Load weights for a registry name, a local model folder, or a LoRA adapter folder (base + adapter)."""
+    # The pinned PEFT and TRL still read transformers' deprecated `is_gradient_checkpointing` (wrapping a
+    # model, saving a checkpoint); the warning is theirs, repeats at every save, and asks nothing of the user.
+    warnings.filterwarnings("ignore", category=FutureWarning, message="`is_gradient_checkpointing` is deprecated")
     kind, location = resolve_model(vlm_name)
     if kind == "random":
         return build_random_model(vlm_name, dtype, device, attn_implementation)

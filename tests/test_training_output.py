@@ -77,7 +77,7 @@ def test_cli_training_output_is_quiet_and_readable(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     text = out.stdout + out.stderr
     for unwanted in ("{'loss'", "attempting to log a value of \"None\"", "`gradient_checkpointing` is deprecated",
-                     "Could not find a config file"):
+                     "`is_gradient_checkpointing` is deprecated", "Could not find a config file"):
         assert unwanted not in text, unwanted
     for step in (1, 2):
         assert text.count(f"PSR [step {step}/2] loss") == 1, text
