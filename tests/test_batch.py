@@ -22,7 +22,8 @@ from nbhelpers.config import MODES, REPO_ROOT, ConfigError
 from nbhelpers.passk import load_results
 
 BATCH_TIMEOUT_S = 900
-SMOKE_PROBLEMS, SMOKE_SAMPLES = 8, 32  # max_problems and n_samples of the smoke preset
+SMOKE = yaml.safe_load((REPO_ROOT / "parameters" / "presets" / "smoke.yaml").read_text())
+SMOKE_PROBLEMS, SMOKE_SAMPLES, SMOKE_STEPS = SMOKE["max_problems"], SMOKE["n_samples"], SMOKE["max_steps"]
 
 
 # ------------------------------------------------------------------------------------------ the real batch, once
@@ -71,7 +72,7 @@ def test_mode_was_trained_through_the_notebook(smoke_batch, mode):
     assert yaml.safe_load((run / "config.yaml").read_text())["config"]["mode"] == mode
     assert (run / "final" / "adapter_config.json").is_file()
     assert (run / "training_curves.png").stat().st_size > 0
-    assert "logged steps: 4" in (run / "summary.txt").read_text()
+    assert f"logged steps: {SMOKE_STEPS}" in (run / "summary.txt").read_text()
 
 
 @pytest.mark.slow
@@ -123,7 +124,7 @@ def test_real_default_earns_rewards_and_the_modes_pass_at_k_differ(smoke_batch):
     _, folder = smoke_batch
     logs = {mode: [h for h in json.loads((smoke_run_dir(folder, mode) / "trainer_state.json").read_text())
                    ["log_history"] if "reward" in h] for mode in MODES}
-    assert all(len(steps) == 4 and min(h["reward"] for h in steps) > 0 for steps in logs.values()), logs
+    assert all(len(steps) == SMOKE_STEPS and min(h["reward"] for h in steps) > 0 for steps in logs.values()), logs
     assert any(h["rewards/accuracy_reward/mean"] > 0 for steps in logs.values() for h in steps), logs
     curves = {mode: tuple(load_results(folder / "results" / f"{mode}.json")["pass_at_k"].values()) for mode in MODES}
     assert all(curve[-1] > 0 for curve in curves.values()), curves

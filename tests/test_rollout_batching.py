@@ -431,3 +431,11 @@ def test_gpu_forced_plain_fallback_runs_in_fp16_and_says_why_once(tiny_processor
             assert margin < 0.05, f"differs from stock at token {j} where stock's margin is {margin}"
     monkeypatch.setenv(rollout.FALLBACK_ENV, "stock")
     assert rollout.resolve_engine("auto", model) == "stock"
+
+
+def test_the_main_job_runs_the_engine_on_a_cpu(tiny_model):
+    """The README's main job (smoke on local-cpu) trains and samples with the engine, not stock generate."""
+    from nbhelpers.config import load_config, resolve_parameter_file
+
+    cfg = load_config([resolve_parameter_file("smoke", "presets"), resolve_parameter_file("local-cpu", "platforms")])
+    assert rollout.resolve_engine(cfg.rollout_engine, tiny_model) == "fast"
