@@ -117,7 +117,7 @@ def batches(draw, text_strategy):
 
 
 BOUNDED = settings(
-    max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
 
 
@@ -127,7 +127,7 @@ def test_random_completions_score_in_range(batch):
     assert_all_rewards_in_range(*batch)
 
 
-@settings(BOUNDED, max_examples=2000)
+@settings(BOUNDED, max_examples=700)
 @given(batches(mutated_text()))
 def test_mutated_completions_score_in_range(batch):
     assert_all_rewards_in_range(*batch)
