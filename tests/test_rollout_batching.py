@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nbhelpers import rollout
+from nbhelpers.config import load_config, resolve_parameter_file
 from nbhelpers.models import apply_lora, build_offline_processor, build_random_model
 from nbhelpers.rollout import Request, RolloutEngine, stock_generate
 from nbhelpers.rollout.weights import DecodeWeights, lora_parts, merged_weight
@@ -435,7 +436,5 @@ def test_gpu_forced_plain_fallback_runs_in_fp16_and_says_why_once(tiny_processor
 
 def test_the_main_job_runs_the_engine_on_a_cpu(tiny_model):
     """The README's main job (smoke on local-cpu) trains and samples with the engine, not stock generate."""
-    from nbhelpers.config import load_config, resolve_parameter_file
-
     cfg = load_config([resolve_parameter_file("smoke", "presets"), resolve_parameter_file("local-cpu", "platforms")])
     assert rollout.resolve_engine(cfg.rollout_engine, tiny_model) == "fast"
