@@ -53,7 +53,7 @@ class RunConfig:
     # --- what to train -------------------------------------------------------------------
     mode: str = _help("Objective: grpo, psr, nsr or w-reinforce.", default="grpo")
     vlm_name: str = _help("Model registry name (tiny-pretrained, tiny-random, qwen2-5-3b, qwen2-5-7b, "
-                          "qwen2-5-3b-random) or a local model folder.", default="tiny-random")
+                          "qwen2-5-3b-random) or a local model folder.", default="tiny-pretrained")
     dataset_name: str = _help("Training dataset registry name (synthetic, chart-rvr-train, ...).",
                               default="synthetic")
     data_dir: str | None = _help("Folder of local dataset files (PlotQA, ChartFC, EvoChart, ChartBench).",

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from nbhelpers.config import load_config, resolve_parameter_file
+
 HEAVY_MODULES = ("torch", "transformers", "trl")
 # Runs the command line and then reports on stdout which heavy modules it imported.
 RUNNER = ("import sys\nfrom nbhelpers.cli import main\ntry:\n    code = main(sys.argv[1:])\nfinally:\n"
@@ -19,13 +21,14 @@ RECORD = {"id": "1", "dataset": "synthetic", "question": "q", "answer": "a", "co
 
 
 def write_inputs(folder: Path) -> None:
-    """The files the cases point at: bad parameters and samples files, a folder, an earlier run."""
+    """The files the cases point at: bad parameters and samples files, a folder, and an earlier run in the
+    folder `train --params smoke` writes to."""
     (folder / "latin1.yaml").write_bytes(b"seed: 1\nmode: \"gr\xe9po\"\n")
     (folder / "bad.jsonl").write_text(json.dumps(RECORD) + "\n{not json\n" + json.dumps(RECORD) + "\n")
     (folder / "latin1.jsonl").write_bytes(json.dumps(RECORD).encode() + b"\n{\"id\": \"\xff\"}\n")
     (folder / "a-folder").mkdir()
     (folder / "not-a-model").mkdir()
-    run = folder / "runs" / "grpo_tiny-random_synthetic_n8_s42"
+    run = folder / "runs" / load_config([resolve_parameter_file("smoke", "presets")]).resolved_run_name()
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("config: {mode: grpo}\n")
 

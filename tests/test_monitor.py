@@ -257,7 +257,7 @@ def test_training_curves_of_a_run_are_titled_with_mode_model_and_seed(tmp_path):
     write_trainer_state(run)
     save_resolved_config(load_config(overrides={"mode": "nsr", "seed": 3}), run)
     figure = monitor.training_curves(run)
-    assert figure.get_suptitle() == "nsr, tiny-random, seed 3"
+    assert figure.get_suptitle() == "nsr, tiny-pretrained, seed 3"
     assert (run / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
