@@ -18,12 +18,12 @@ import yaml
 
 import nbtools
 from nbhelpers import batch, cli
-from nbhelpers.config import MODES, REPO_ROOT, ConfigError, resolve_parameter_file
+from nbhelpers.config import MODES, REPO_ROOT, ConfigError, load_config, resolve_parameter_file
 from nbhelpers.passk import load_results
 
 BATCH_TIMEOUT_S = 900
-SMOKE = yaml.safe_load(Path(resolve_parameter_file("smoke", "presets")).read_text())
-SMOKE_PROBLEMS, SMOKE_SAMPLES, SMOKE_STEPS = SMOKE["max_problems"], SMOKE["n_samples"], SMOKE["max_steps"]
+SMOKE = load_config([resolve_parameter_file("smoke", "presets")])
+SMOKE_PROBLEMS, SMOKE_SAMPLES, SMOKE_STEPS = SMOKE.max_problems, SMOKE.n_samples, SMOKE.max_steps
 
 
 # ------------------------------------------------------------------------------------------ the real batch, once
