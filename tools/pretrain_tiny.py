@@ -190,8 +190,10 @@ def sample_problems(model, processor, problems: list[dict], samples: int, seed: 
     return texts
 
 
-def evaluate(model, processor, problems: list[dict], samples: int, ks: tuple[int, ...]) -> dict:
-    """Pass@k (unbiased estimator), mean format reward and mean completion tokens over ``problems``."""
+def evaluate(model, processor, problems: list[dict], samples: int, ks: tuple[int, ...],
+             samples_file: Path | None = None) -> dict:
+    """Pass@k (unbiased estimator), mean format reward and mean completion tokens over ``problems``;
+    ``samples_file``: also write the completions there as a samples file (JSON Lines, nbhelpers' format)."""
     from nbhelpers.passk import pass_at_k
     from nbhelpers.rewards import accuracy_score, format_score
 
@@ -199,7 +201,16 @@ def evaluate(model, processor, problems: list[dict], samples: int, ks: tuple[int
     model.eval()
     texts = sample_problems(model, processor, problems, samples, seed=EVAL_SEED)
     model.train(was_training)
-    correct = [sum(accuracy_score(t, p["answer"]) > 0 for t in row) for p, row in zip(problems, texts)]
+    correct_bits = [[accuracy_score(t, p["answer"]) > 0 for t in row] for p, row in zip(problems, texts)]
+    correct = [sum(bits) for bits in correct_bits]
+    if samples_file is not None:
+        samples_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(samples_file, "w") as handle:
+            for p, row, bits in zip(problems, texts, correct_bits):
+                handle.write(json.dumps({"id": p["id"], "dataset": p["dataset"], "question": p["question"],
+                                         "answer": p["answer"], "completions": row, "correct": bits,
+                                         "meta": {"temperature": TEMPERATURE, "top_p": TOP_P,
+                                                  "max_new_tokens": MAX_NEW_TOKENS}}) + "\n")
     flat = [t for row in texts for t in row]
     return {"problems": len(problems), "samples": samples,
             "pass_at_k": {str(k): sum(pass_at_k(samples, c, k) for c in correct) / len(problems) for k in ks},
@@ -232,7 +243,8 @@ def learning_rate(step: int, stable_steps: int | None) -> float:
     return LEARNING_RATE * (1 - (1 - LR_FLOOR) * progress)
 
 
-def train(out: Path, minutes: float, stable_steps: int | None, init_from: Path | None = None) -> None:
+def train(out: Path, minutes: float, stable_steps: int | None, init_from: Path | None = None,
+          samples_file: Path | None = None) -> None:
     import torch
 
     import transformers
@@ -301,13 +313,13 @@ def train(out: Path, minutes: float, stable_steps: int | None, init_from: Path |
         if done:
             break
     train_seconds = time.monotonic() - started
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float32).save_pretrained(str(out), max_shard_size="14MB")  # saved before the long evaluation
     ks = tuple(2 ** i for i in range(int(math.log2(FINAL_SAMPLES)) + 1))
-    final = evaluate(model, processor, held_out, FINAL_SAMPLES, ks)
+    final = evaluate(model, processor, held_out, FINAL_SAMPLES, ks, samples_file=samples_file)
     print(f"final ({FINAL_PROBLEMS} problems x {FINAL_SAMPLES}): "
           + "  ".join(f"pass@{k} {v:.3f}" for k, v in final["pass_at_k"].items())
           + f"  format {final['format_reward']:.2f}", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.float32).save_pretrained(str(out), max_shard_size="14MB")
     hyper = {k: v for k, v in globals().items() if k.isupper() and isinstance(v, (int, float, str, tuple))}
     init = None if init_from is None else json.loads((init_from / "pretrain.json").read_text())
     record = {"command": " ".join(["python", "tools/pretrain_tiny.py", *sys.argv[1:]]), "minutes": minutes,
@@ -334,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="steps before the decay (regenerates a recorded run; default: chosen by the clock)")
     run.add_argument("--init-from", type=Path, default=None,
                      help="start from these weights (a folder with pretrain.json), not from random ones")
+    run.add_argument("--samples", type=Path, default=None,
+                     help="also write the final evaluation's completions to this samples file (JSON Lines)")
     run.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                      help="override a hyperparameter at the top of this file, e.g. --set BATCH_SIZE=16")
     args = parser.parse_args(argv)
@@ -345,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         if not name.isupper() or name not in globals():
             parser.error(f"--set {item}: no hyperparameter named {name!r}")
         globals()[name] = type(globals()[name])(value) if globals()[name] is not None else int(value)
-    train(args.out, args.minutes, args.stable_steps, args.init_from)
+    train(args.out, args.minutes, args.stable_steps, args.init_from, args.samples)
     return 0
 
 
