@@ -24,7 +24,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
 PARAMETERS_DIR = REPO_ROOT / "parameters"
 
-MODES = ("grpo", "psr", "nsr", "w-reinforce")
+MODES = ("grpo", "psr", "nsr", "w-reinforce", "passk")
 # TRL loss types whose normaliser we can restrict to the kept samples (see nbhelpers.trainer).
 LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo")
 CORRECTNESS_SOURCES = ("accuracy", "total")
@@ -51,7 +51,7 @@ class RunConfig:
     """Every knob of a chartrl run. Field docs are in each field's ``metadata['help']``."""
 
     # --- what to train -------------------------------------------------------------------
-    mode: str = _help("Objective: grpo, psr, nsr or w-reinforce.", default="grpo")
+    mode: str = _help("Objective: grpo, psr, nsr, w-reinforce or passk.", default="grpo")
     vlm_name: str = _help("Model registry name (tiny-pretrained, tiny-random, qwen2-5-3b, qwen2-5-7b, "
                           "qwen2-5-3b-random) or a local model folder.", default="tiny-pretrained")
     dataset_name: str = _help("Training dataset registry name (synthetic, chart-rvr-train, ...).",
@@ -89,6 +89,9 @@ class RunConfig:
         default=None)
     # --- objectives ----------------------------------------------------------------------
     lambda_psr: float = _help("Weight of correct samples in w-reinforce, in (0, 1].", default=0.1)
+    passk_k: int = _help("k of passk (Pass@k Training's closed-form advantages), an integer in [1, "
+                         "num_generations - 1]: k = num_generations gives every group one k-subset and so zero "
+                         "advantages; k = 1 is GRPO on the 0/1 correctness reward.", default=4)
     reward_threshold: float = _help(
         "A sample is correct when this is <= its accuracy reward (0 or 1; correctness_from: accuracy) or its "
         "weighted total reward (the sum of the seven rewards times their weights, 0 to "
@@ -431,6 +434,11 @@ def validate(cfg: RunConfig, sources: dict[str, str] | None = None) -> None:
     if cfg.num_generations < 2:
         fail("num_generations", f"must be >= 2 (a group needs two completions; {cfg.mode} with "
                                 f"{cfg.num_generations} has no group to compare), got {cfg.num_generations}")
+    if cfg.passk_k < 1:
+        fail("passk_k", f"must be >= 1, got {cfg.passk_k}")
+    if cfg.mode == "passk" and cfg.passk_k >= cfg.num_generations:
+        fail("passk_k", f"must be below num_generations = {cfg.num_generations} in mode passk (k = num_generations "
+                        f"leaves each group one k-subset, so every advantage is 0), got {cfg.passk_k}")
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps
     if per_step % cfg.num_generations:
         # blame a key of the source that came last (a --set flag over a preset file); batch_size first

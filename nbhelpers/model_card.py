@@ -18,6 +18,9 @@ MODE_DESCRIPTIONS = {
     "psr": "PSR (positive sample reinforcement): only correct samples enter the loss, with advantage +1",
     "nsr": "NSR (negative sample reinforcement): only incorrect samples enter the loss, with advantage -1",
     "w-reinforce": "W-REINFORCE: correct samples with advantage +lambda_psr, incorrect ones with -1",
+    "passk": "Pass@k Training with k = {passk_k}: every sample enters the loss with the closed-form advantage of "
+             "its group's mean Pass@k over all k-subsets (computed from the group's numbers of correct and "
+             "incorrect samples)",
 }
 MODE_REFERENCES = {
     "grpo": "Shao et al. 2024, DeepSeekMath (arXiv 2402.03300)",
@@ -25,6 +28,8 @@ MODE_REFERENCES = {
            "(arXiv 2506.01347)",
 }
 MODE_REFERENCES["nsr"] = MODE_REFERENCES["w-reinforce"] = MODE_REFERENCES["psr"]
+MODE_REFERENCES["passk"] = ("Chen et al. 2025, Pass@k Training for Adaptively Balancing Exploration and Exploitation "
+                            "of Large Reasoning Models (arXiv 2508.10751)")
 
 
 def base_model_line(vlm_name: str) -> tuple[str | None, str]:
@@ -56,7 +61,7 @@ def model_card(cfg: RunConfig) -> str:
             f"# {cfg.resolved_run_name()}\n\n"
             f"A {adapter} of {base}, trained by chartrl with the **{cfg.mode}** objective on the "
             f"`{cfg.dataset_name}` training set ({problems} problems, seed {cfg.seed}).\n\n"
-            f"Objective: {MODE_DESCRIPTIONS[cfg.mode]}. Reference: {MODE_REFERENCES[cfg.mode]}.\n\n"
+            f"Objective: {MODE_DESCRIPTIONS[cfg.mode].format(passk_k=cfg.passk_k)}. Reference: {MODE_REFERENCES[cfg.mode]}.\n\n"
             f"## Training settings\n\nEvery key that changes the trained weights (fingerprint "
             f"`{training_fingerprint(cfg)}`); `config.yaml` in the run folder has the whole configuration.\n\n"
             f"| key | value |\n|---|---|\n{settings}\n")

@@ -1,10 +1,10 @@
-"""Training: TRL's GRPOTrainer with the four objectives, plus construction from a RunConfig.
+"""Training: TRL's GRPOTrainer with the five objectives, plus construction from a RunConfig.
 
 ``ChartRLTrainer`` changes TRL by small overrides and copies none of its long methods:
 
 * ``_calculate_rewards`` keeps the gathered per-function rewards of the batch;
 * ``_generate_and_score_completions`` (after TRL's own) replaces the advantages with
-  :func:`nbhelpers.objectives.compute_advantages` for psr / nsr / w-reinforce and zeroes the
+  :func:`nbhelpers.objectives.compute_advantages` for psr / nsr / w-reinforce / passk and zeroes the
   completion mask of left-out samples, so they leave both the loss and its token normaliser;
 * ``_compute_loss`` leaves the left-out rows out of the forward and backward pass (they would add
   nothing but compute), keeping on every process as many rows as the process with the most kept rows
@@ -83,10 +83,11 @@ def _loss_mask(batch: dict[str, Any]) -> torch.Tensor:
 
 
 class ChartRLTrainer(GRPOTrainer):
-    """GRPOTrainer whose ``mode`` picks the objective (grpo, psr, nsr, w-reinforce)."""
+    """GRPOTrainer whose ``mode`` picks the objective (grpo, psr, nsr, w-reinforce, passk)."""
 
     def __init__(self, *args: Any, mode: str = "grpo", lambda_psr: float = 0.1, reward_threshold: float = 0.5,
-                 correctness_from: str = "accuracy", rollout_engine: str = "stock", **kwargs: Any) -> None:
+                 correctness_from: str = "accuracy", rollout_engine: str = "stock", passk_k: int = 4,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # transformers 5's Trainer sets model.config.use_cache = args.use_cache (False) for training, and TRL's
         # generation config leaves use_cache unset, so stock generation would recompute every prefix token at
@@ -95,6 +96,7 @@ class ChartRLTrainer(GRPOTrainer):
             self.generation_config.use_cache = True
         self.mode = mode
         self.lambda_psr = lambda_psr
+        self.passk_k = passk_k
         self.reward_threshold = reward_threshold
         self.correctness_from = correctness_from
         self.rollout_engine = rollout_engine
@@ -154,7 +156,7 @@ class ChartRLTrainer(GRPOTrainer):
         train = self.model.training
         num_generations = self.num_generations if train else self.num_generations_eval
         total, correct = self.correctness(self._last_rewards_per_func)
-        advantages, keep = compute_advantages(self.mode, total, correct, num_generations, self.lambda_psr)
+        advantages, keep = compute_advantages(self.mode, total, correct, num_generations, self.lambda_psr, self.passk_k)
         self._log_mode_statistics(correct, keep, total, train)
         if self.mode == "grpo":
             return output
@@ -492,7 +494,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list |
     trainer = ChartRLTrainer(
         model=model, reward_funcs=build_reward_functions(cfg), args=args, train_dataset=train_dataset,
         processing_class=processor, peft_config=peft_config, callbacks=all_callbacks,
-        mode=cfg.mode, lambda_psr=cfg.lambda_psr, reward_threshold=cfg.reward_threshold,
+        mode=cfg.mode, lambda_psr=cfg.lambda_psr, passk_k=cfg.passk_k, reward_threshold=cfg.reward_threshold,
         correctness_from=cfg.correctness_from, rollout_engine=cfg.rollout_engine)
     trainer.run_config = cfg
     if trainer.pop_callback(ProgressCallback) is not None:  # the terminal bar (a notebook's shows a table)

@@ -30,13 +30,15 @@ PATTERNS = {
     "uneven": [1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0],  # psr keeps 3|1 then 0|2; nsr 1|3 then 4|2
     "second-empty": [1, 0, 1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # psr keeps nothing in micro-batch 1
 }
-# Two processes: psr and nsr on both patterns, w-reinforce (nothing left out) and grpo on one, every loss type;
-# not grpo with bnpo: mode grpo is TRL's GRPO unchanged, whose bnpo normalises by each process's own tokens.
+PASSK_K = 2  # "uneven" with G = 4 and k = 2: groups 2 and 4 have non-zero Pass@2 advantages, groups 1 and 3 zero
+# Two processes: psr and nsr on both patterns, w-reinforce and passk (nothing left out) and grpo on one, every loss
+# type; not grpo with bnpo: mode grpo is TRL's GRPO unchanged, whose bnpo normalises by each process's own tokens.
 CASES = [(pattern, mode, loss_type) for pattern in PATTERNS for mode in ("psr", "nsr") for loss_type in LOSS_TYPES] + \
-    [("uneven", mode, loss_type) for mode in ("w-reinforce", "grpo") for loss_type in LOSS_TYPES
+    [("uneven", mode, loss_type) for mode in ("w-reinforce", "passk", "grpo") for loss_type in LOSS_TYPES
      if (mode, loss_type) != ("grpo", "bnpo")]
-# One process: a micro-batch with nothing kept (psr), unequal kept counts (nsr), weights without left-out rows.
-ONE_PROCESS_PAIRS = [("second-empty", "psr"), ("uneven", "nsr"), ("uneven", "w-reinforce")]
+# One process: a micro-batch with nothing kept (psr), unequal kept counts (nsr), weights without left-out rows
+# (w-reinforce, passk).
+ONE_PROCESS_PAIRS = [("second-empty", "psr"), ("uneven", "nsr"), ("uneven", "w-reinforce"), ("uneven", "passk")]
 TRL_EPSILON = 0.2
 
 
@@ -79,7 +81,7 @@ def build_trainer(out_dir: Path) -> ChartRLTrainer:
                              reward_funcs=[PatternAccuracy(), length_reward], args=args,
                              train_dataset=to_trl_dataset(make_synthetic_examples(4, seed=3), PIXELS),
                              processing_class=processor, peft_config=models.lora_config(r=4, alpha=8, dropout=0.0),
-                             mode="psr")
+                             mode="psr", passk_k=PASSK_K)
     with torch.no_grad():  # LoRA B starts at zero, which would make every gradient w.r.t. A vanish
         gen = torch.Generator().manual_seed(1)
         for name, p in trainer.model.named_parameters():

@@ -154,9 +154,9 @@ def test_failed_mode_is_reported_and_the_others_go_on(tmp_path):
     assert report.exit_code == 1
     passk_parameters = executor.calls[-1][1]
     assert executor.calls[-1][0] == batch.PASSK
-    assert passk_parameters["labels"] == ["grpo", "w-reinforce"]
+    assert passk_parameters["labels"] == ["grpo", "w-reinforce", "passk"]
     assert passk_parameters["samples_files"] == [str(tmp_path / "b" / "samples" / f"{m}.jsonl")
-                                                 for m in ("grpo", "w-reinforce")]
+                                                 for m in ("grpo", "w-reinforce", "passk")]
     assert passk_parameters["live_widgets"] is False and passk_parameters["bootstrap"] == 200
     text = batch.format_report(report)
     assert "FAILED (2)" in text and "RuntimeError: 10_train failed for psr" in text and "second line" not in text

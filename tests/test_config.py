@@ -3,9 +3,9 @@ import math
 import pytest
 import yaml
 
-from nbhelpers.config import (ConfigError, RunConfig, describe, estimate_training_steps, field_help, load_config,
-                              load_resolved_config, passk_ks, resolve_parameter_file, resolved_epsilon_high,
-                              save_resolved_config)
+from nbhelpers.config import (MODES, ConfigError, RunConfig, describe, estimate_training_steps, field_help,
+                              load_config, load_resolved_config, passk_ks, resolve_parameter_file,
+                              resolved_epsilon_high, save_resolved_config)
 
 
 def write(tmp_path, name, data):
@@ -25,13 +25,21 @@ def test_precedence_files_then_flags_then_set(tmp_path):
 
 
 def test_shipped_parameter_files_all_load():
-    for mode in ("grpo", "psr", "nsr", "w-reinforce"):
+    for mode in MODES:
         for preset in ("smoke", "poc", "ultra-fast", "fast", "moderate", "safe", "paper"):
             for platform in ("colab-a100", "kaggle-2xt4", "local-cpu"):
                 files = [resolve_parameter_file(mode, "modes"), resolve_parameter_file(preset, "presets"),
                          resolve_parameter_file(platform, "platforms")]
-                cfg = load_config(files)
+                # passk needs k < G: the smoke preset sets k = 2, the others (G = 2 or 4) leave it to the user
+                overrides = {"passk_k": 1} if mode == "passk" and preset != "smoke" else None
+                cfg = load_config(files, overrides)
                 assert cfg.mode == mode
+
+
+@pytest.mark.parametrize("preset", ["poc", "safe", "paper"])
+def test_passk_on_a_preset_whose_group_is_at_most_k_names_passk_k(preset):
+    with pytest.raises(ConfigError, match=r"modes/passk.yaml: key 'passk_k' must be below num_generations"):
+        load_config([resolve_parameter_file("passk", "modes"), resolve_parameter_file(preset, "presets")])
 
 
 PRESETS = [  # preset, subset, epochs, generations (the seeds' table)
@@ -57,6 +65,11 @@ ERRORS = [  # file content, overrides, words the message must contain
     ({"mode": "w-reinforce", "num_generations": 1}, None, ["'num_generations'", "w-reinforce"]),
     ({"n_samples": 8, "passk_ks": [1, 4, 16]}, None, ["'passk_ks'", "[16]", "n_samples = 8"]),
     ({"lambda_psr": 1.5}, None, ["'lambda_psr'", "(0, 1]"]),
+    ({"passk_k": 0}, None, ["bad.yaml", "'passk_k'", ">= 1"]),
+    ({"passk_k": 2.5}, None, ["bad.yaml", "'passk_k'", "expects int"]),
+    ({"mode": "passk", "num_generations": 4, "passk_k": 4}, None,
+     ["bad.yaml", "'passk_k'", "below num_generations = 4", "every advantage is 0"]),
+    ({"mode": "passk", "num_generations": 2, "batch_size": 2}, ["passk_k=3"], ["--set", "'passk_k'", "got 3"]),
     ({"top_p": 0}, None, ["'top_p'"]),
     ({"loss_type": "ppo"}, None, ["'loss_type'", "dapo"]),
     ({"reward_weights": {"beauty": 1.0}}, None, ["'reward_weights'", "beauty"]),

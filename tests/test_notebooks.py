@@ -127,13 +127,14 @@ def test_notebook_config_detects_the_platform_when_none_is_given():
 
 
 BAD_PARAMETERS = [  # notebook_config arguments, words the ConfigError must contain
-    ({"mode": "grpoo"}, ["'mode'", "grpoo", "grpo, nsr, psr, w-reinforce"]),
+    ({"mode": "grpoo"}, ["'mode'", "grpoo", "grpo, nsr, passk, psr, w-reinforce"]),
     ({"mode": 3}, ["'mode'", "int"]),
     ({"preset": "huge"}, ["'preset'", "huge", "smoke"]),
     ({"platform": "tpu"}, ["'platform'", "tpu", "local-cpu"]),
     ({"learning_rat": 0.1}, ["notebook parameter", "unknown key 'learning_rat'", "learning_rate"]),
     ({"subset_size": "many"}, ["notebook parameter", "'subset_size'", "expects int"]),
     ({"lambda_psr": 2.0}, ["notebook parameter", "'lambda_psr'", "(0, 1]"]),
+    ({"mode": "passk", "passk_k": 4}, ["notebook parameter", "'passk_k'", "below num_generations = 4"]),
 ]
 
 

@@ -50,7 +50,7 @@ def test_every_key_is_classified_and_the_excluded_ones_exist():
 
 CHANGES = [  # key, new value, changes the fingerprint (and so the folder name)
     ("learning_rate", 0.05, True), ("lora_r", 4, True), ("num_generations", 2, True), ("num_epochs", 4.0, True),
-    ("max_steps", 3, True), ("reward_weights", {"format": 0.5}, True), ("lambda_psr", 0.3, True),
+    ("max_steps", 3, True), ("reward_weights", {"format": 0.5}, True), ("lambda_psr", 0.3, True), ("passk_k", 3, True),
     ("max_pixels", 6272, True), ("dtype", "bf16", True), ("num_processes", 2, True), ("finetune", "full", True),
     ("logging_steps", 7, False), ("save_steps", 9, False), ("output_root", "elsewhere", False),
     ("persistent_root", "none", False), ("n_samples", 16, False), ("sample_temperature", 1.0, False),
@@ -168,6 +168,7 @@ def test_failed_start_does_not_rewrite_config_yaml(tmp_path):
     ("nsr", "tiny-random", None, "only incorrect samples"),
     ("psr", "tiny-random", None, "only correct samples"),
     ("w-reinforce", "tiny-random", None, "+lambda_psr"),
+    ("passk", "tiny-random", None, "Pass@k Training with k = 2"),
     ("grpo", "qwen2-5-3b", "https://huggingface.co/Qwen/Qwen2.5-VL-3B-Instruct", "group-normalised"),
 ])
 def test_model_card_names_the_real_mode_base_model_and_settings(mode, vlm, hub_link, objective):

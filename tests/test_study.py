@@ -193,6 +193,32 @@ def test_a_half_written_part_is_todo_and_redone(small_study, damage):
     assert study_settings.part_status(small_study, part) == "done"
 
 
+def test_a_done_part_stays_done_when_chartrl_adds_a_config_key_at_its_default(small_study):
+    """A marker written before a RunConfig key existed (here passk_k) lacks it; at its default nothing changed."""
+    part = small_study.part("grpo-s0")
+    study.run_part(small_study, part, train=fake_train, sample=fake_sample)
+    marker_path = small_study.run_path(part) / study_settings.MARKER
+    marker = json.loads(marker_path.read_text())
+    for section in ("train", "sample"):
+        del marker["settings"][section]["passk_k"]
+    marker["fingerprint"] = "made before passk_k existed"
+    marker_path.write_text(json.dumps(marker))
+    assert study_settings.part_status(small_study, part) == "done"
+    marker["settings"]["train"]["passk_k"] = 2
+    marker_path.write_text(json.dumps(marker))
+    assert study_settings.part_status(small_study, part) == "changed"
+    assert study_settings.changed_keys(small_study, part) == ["train.passk_k: 2 -> 4"]
+
+
+def test_passk_is_a_study_mode_whose_k_is_checked(tmp_path):
+    settings = study_settings.load_settings(write_settings(tmp_path, tiny_settings(modes=["grpo", "passk"],
+                                                                                   train__passk_k=2)))
+    cfg = settings.train_config(settings.part("passk-s0"))
+    assert (cfg.mode, cfg.passk_k, cfg.num_generations) == ("passk", 2, 4)
+    with pytest.raises(study_settings.SettingsError, match="key 'passk_k' must be below num_generations = 4"):
+        study_settings.load_settings(write_settings(tmp_path / "k4", tiny_settings(modes=["grpo", "passk"])))
+
+
 def test_a_short_samples_file_publishes_nothing(small_study):
     part = small_study.part("base")
     short = lambda cfg, out, checkpoint, method: fake_sample(cfg, out, checkpoint, method, problems=2)  # noqa: E731

@@ -1,4 +1,4 @@
-"""Gradient tests of the four objectives on tiny-random (on-policy, one step, fixed seed, fp32).
+"""Gradient tests of the five objectives on tiny-random (on-policy, one step, fixed seed, fp32).
 
 One generation batch per mode, drawn with the same seed from identical weights, so every mode sees the
 same rollouts. Correctness comes from a deterministic stand-in accuracy reward (parity of the
@@ -14,15 +14,17 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 from nbhelpers import models
-from nbhelpers.config import LOSS_TYPES, load_config, resolve_parameter_file
+from nbhelpers.config import LOSS_TYPES, MODES, load_config, resolve_parameter_file
 from nbhelpers.data import make_synthetic_examples, to_trl_dataset
+from nbhelpers.objectives import passk_advantages
 from nbhelpers.platform import deepspeed_config_path
 from nbhelpers.rewards import completion_text
-from nbhelpers.trainer import ChartRLTrainer, gradients_are_finite, grpo_config, left_out_loss_scale, \
+from nbhelpers.trainer import ChartRLTrainer, build_trainer, gradients_are_finite, grpo_config, left_out_loss_scale, \
     without_left_out_rows
 from fast_presets import TINY
 
 G = 4
+PASSK_K = 2  # k < G, so groups with two or more incorrect samples and one correct have non-zero advantages
 PIXELS = 56 * 56
 
 
@@ -55,7 +57,8 @@ def make_trainer(tmp_path, dataset, mode, loss_type="dapo", stock=False, rewards
     processor.tokenizer.padding_side = "left"
     common = dict(model=model, reward_funcs=list(rewards), args=args, train_dataset=dataset,
                   processing_class=processor, peft_config=models.lora_config(r=4, alpha=8, dropout=0.0))
-    trainer = GRPOTrainer(**common) if stock else ChartRLTrainer(**common, mode=mode, lambda_psr=0.1)
+    trainer = GRPOTrainer(**common) if stock else \
+        ChartRLTrainer(**common, mode=mode, lambda_psr=0.1, passk_k=PASSK_K)
     # LoRA B starts at zero, which would make every gradient w.r.t. A vanish: give B values.
     with torch.no_grad():
         gen = torch.Generator().manual_seed(1)
@@ -118,7 +121,7 @@ def rollouts(tmp_path_factory, dataset):
     """Each mode's batch, loss and gradients on the same rollouts, plus the full completion mask."""
     tmp = tmp_path_factory.mktemp("grad")
     out = {}
-    for mode in ("grpo", "psr", "nsr", "w-reinforce"):
+    for mode in MODES:
         trainer = make_trainer(tmp, dataset, mode)
         batch, loss, grads = one_step(trainer, dataset)
         correct = trainer._last_rewards_per_func[:, 0] >= 0.5
@@ -157,6 +160,24 @@ def test_w_reinforce_is_lambda_psr_plus_nsr(rollouts):
     weights = torch.where(correct, torch.tensor(0.1), torch.tensor(-1.0))
     ref = reference_grads(out["w-reinforce"]["trainer"], out["w-reinforce"]["batch"], mask, weights, t_all)
     assert_grads_close(out["w-reinforce"]["grads"], ref)
+
+
+def test_passk_gradient_is_the_closed_form_advantage_weighted_token_mean_nll(rollouts):
+    """Every sample in the loss (dapo: one token normaliser), weighted by its group's Pass@k advantage
+    computed from the correctness bits with the trainer's passk_k."""
+    out, mask, correct = rollouts
+    advantages = passk_advantages(correct, G, PASSK_K)
+    assert advantages.abs().max() > 0, "no group with non-zero Pass@k advantages: the test would prove nothing"
+    torch.testing.assert_close(out["passk"]["batch"]["advantages"], advantages)
+    ref = reference_grads(out["passk"]["trainer"], out["passk"]["batch"], mask, advantages, mask.sum())
+    assert_grads_close(out["passk"]["grads"], ref)
+
+
+def test_build_trainer_hands_the_objective_settings_to_the_trainer(tmp_path):
+    cfg = load_config([resolve_parameter_file("passk", "modes"), resolve_parameter_file("smoke", "presets"), TINY],
+                      {"passk_k": 3, "lambda_psr": 0.3, "output_root": str(tmp_path), "report_to": ["none"]})
+    trainer = build_trainer(cfg)
+    assert (trainer.mode, trainer.passk_k, trainer.lambda_psr) == ("passk", 3, 0.3)
 
 
 def test_grpo_mode_matches_stock_trl(tmp_path, dataset, rollouts):
@@ -408,7 +429,7 @@ def objective_weights(loss_type, batch, max_completion_length):
 @pytest.mark.parametrize("pattern, mode", loss_cases.ONE_PROCESS_PAIRS)
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_accumulated_gradient_with_left_out_rows_is_the_objective(accumulation_cases, pattern, mode, loss_type):
-    """Gradient accumulation 2, several micro-batches, rows left out (psr, nsr) or weighted (w-reinforce):
+    """Gradient accumulation 2, several micro-batches, rows left out (psr, nsr) or weighted (w-reinforce, passk):
     the summed gradient equals the objective's for every loss type. Without the rescaling in _compute_loss
     (TRL's per-micro-batch row and token counts) grpo, sapo, dr_grpo and bnpo would differ."""
     trainer, batches = accumulation_cases

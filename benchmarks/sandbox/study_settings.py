@@ -2,8 +2,9 @@
 
 Shared by the runner (study.py) and the report (report.py). A part is either ``base`` (samples of the base
 model) or ``<mode>-s<seed>`` (train that mode with that seed, then sample the trained model). A part is done
-when its marker ``runs/<part>/part.json`` exists with the fingerprint of the current settings and its samples
-file ``samples/<part>.jsonl.xz`` exists; the marker is written last, so a part killed at any moment is not done.
+when its marker ``runs/<part>/part.json`` exists with the current settings (the same fingerprint, or no changed
+key, a RunConfig key newer than the marker counting at its default) and its samples file
+``samples/<part>.jsonl.xz`` exists; the marker is written last, so a part killed at any moment is not done.
 """
 
 from __future__ import annotations
@@ -190,22 +191,27 @@ def read_marker(settings: StudySettings, part: Part) -> dict[str, Any] | None:
 
 
 def part_status(settings: StudySettings, part: Part) -> str:
-    """done (marker with today's fingerprint and the samples file), changed (marker with another fingerprint)
-    or todo (anything else, a half-written part included)."""
+    """done (marker and samples file, made with today's settings: the same fingerprint, or no changed key),
+    changed (a marker whose settings differ) or todo (anything else, a half-written part included)."""
     marker = read_marker(settings, part)
     if marker is None or not settings.samples_path(part).is_file():
         return "todo"
-    return "done" if marker.get("fingerprint") == settings.fingerprint(part) else "changed"
+    same = marker.get("fingerprint") == settings.fingerprint(part) or not changed_keys(settings, part)
+    return "done" if same else "changed"
 
 
 def changed_keys(settings: StudySettings, part: Part) -> list[str]:
-    """The settings (section.key) whose values differ between a part's marker and study.yaml."""
+    """The settings (section.key) whose values differ between a part's marker and study.yaml. A RunConfig key
+    the marker lacks (added to chartrl after the part was made, e.g. passk_k) counts as recorded at its
+    default, so a new key at its default leaves done parts done."""
     recorded = (read_marker(settings, part) or {}).get("settings", {})
     current = settings.part_settings(part)
+    default = RunConfig().to_dict()
     keys = []
     for section in sorted(set(recorded) | set(current)):
         old, new = recorded.get(section), current.get(section)
         if isinstance(old, dict) and isinstance(new, dict):
+            old = {**{k: default[k] for k in new if k in default and k not in old}, **old}
             keys += [f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
                      if old.get(k) != new.get(k)]
         elif old != new:
