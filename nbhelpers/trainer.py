@@ -417,6 +417,24 @@ class StepLineCallback(TrainerCallback):
         tqdm.write(format_log_line(self.mode, state.global_step, state.max_steps, logs or {}, per_step))
 
 
+class CollapseWarningCallback(TrainerCallback):
+    """Prints one warning line, once per training session, when :func:`nbhelpers.collapse.detect_collapse` finds a
+    policy collapse in the log history (naming the step and the statistic)."""
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        from .collapse import detect_collapse
+
+        if self.warned or not state.is_world_process_zero:
+            return
+        event = detect_collapse(state.log_history)
+        if event is not None:
+            self.warned = True
+            log.warning("%s", event.message())
+
+
 class TensorBoardNumbers(TensorBoardCallback):
     """TensorBoard logging without the values TRL logs as None (a metric with no valid value in the
     window, such as clip_ratio/low_min of a psr step with no kept token), which a scalar cannot hold."""
@@ -547,7 +565,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list |
     use_cpu = not torch.cuda.is_available()
     deepspeed_file = _in_process_deepspeed_file(cfg, use_cpu)
     args = grpo_config(cfg, run_dir, dtype, use_cpu, deepspeed_file)
-    all_callbacks = [StepLineCallback(cfg.mode), *(callbacks or [])]
+    all_callbacks = [StepLineCallback(cfg.mode), CollapseWarningCallback(), *(callbacks or [])]
     if "tensorboard" in cfg.report_to and PartialState().is_main_process:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -745,6 +763,6 @@ def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
     return run_dir
 
 
-__all__ = ["ChartRLTrainer", "StepLineCallback", "format_log_line", "build_trainer", "check_run_identity",
+__all__ = ["ChartRLTrainer", "CollapseWarningCallback", "StepLineCallback", "format_log_line", "build_trainer", "check_run_identity",
            "grpo_config", "train", "persistent_store", "SEQUENCE_AVERAGED_LOSSES", "left_out_loss_scale",
            "select_rows", "without_left_out_rows", "logprob_gap", "GAP_KEYS"]
