@@ -8,7 +8,7 @@ when one statistic stays past its threshold for ``WINDOW_POINTS`` consecutive lo
 never fires):
 
 * format reward (``rewards/format_reward/mean``, 0 to 2) below ``FORMAT_FRACTION`` (25%) of its warm-up mean
-  (a warm-up mean of 0 has nothing to fall from);
+  (a warm-up mean of 0 has nothing to fall from: the reward is never below 0);
 * entropy (``entropy``, TRL's mean per-token entropy in nats) below ``ENTROPY_FLOOR`` (0.05 nats);
 * clipped ratio (``completions/clipped_ratio``, the fraction of completions cut at max_completion_length) above
   ``CLIPPED_CEILING`` (0.9).
@@ -77,12 +77,10 @@ def detect_collapse(history: Sequence[Mapping[str, Any]]) -> CollapseEvent | Non
     events = []
     fmt = _values(history, FORMAT_KEY)
     if len(fmt) >= WARMUP_POINTS:
-        baseline = sum(value for _, value in fmt[:WARMUP_POINTS]) / WARMUP_POINTS
-        if baseline > 0:
-            limit = FORMAT_FRACTION * baseline
-            hit = _first_window(fmt, lambda v: v < limit)
-            if hit:
-                events.append(CollapseEvent(hit[0], FORMAT_KEY, hit[1], limit))
+        limit = FORMAT_FRACTION * sum(value for _, value in fmt[:WARMUP_POINTS]) / WARMUP_POINTS
+        hit = _first_window(fmt, lambda v: v < limit)
+        if hit:
+            events.append(CollapseEvent(hit[0], FORMAT_KEY, hit[1], limit))
     for key, threshold, past in ((ENTROPY_KEY, ENTROPY_FLOOR, lambda v: v < ENTROPY_FLOOR),
                                  (CLIPPED_KEY, CLIPPED_CEILING, lambda v: v > CLIPPED_CEILING)):
         hit = _first_window(_values(history, key), past)
