@@ -15,7 +15,7 @@ from nbhelpers import models
 from nbhelpers.config import ConfigError, load_config, resolve_parameter_file, training_fingerprint
 from nbhelpers.data import make_synthetic_examples, to_trl_dataset
 from nbhelpers.rewards import completion_text
-from nbhelpers.rollout import RolloutEngine, token_logprobs
+from nbhelpers.rollout import Request, RolloutEngine, token_logprobs
 from nbhelpers.trainer import GAP_KEYS, ChartRLTrainer, build_trainer, grpo_config, logprob_gap
 from fast_presets import TINY
 from test_rollout import TINY_EOS, TINY_PAD, prompt_inputs
@@ -75,17 +75,19 @@ def test_importance_sampling_keys_reach_trl_and_the_fingerprint(tmp_path):
 # ------------------------------------------------------------------------------------------ the engine
 def test_engine_logprobs_are_the_model_forwards_log_softmax_over_temperature():
     """Each sampled token's log-probability equals log_softmax(logits / T) of one full forward of prompt +
-    completion (fp32, CPU), for every token, the first one (from the prefill) included."""
+    completion (fp32, CPU), for every token, the first one (from the prefill) included; also when rows are
+    refilled with later samples (continuous batching, 2 rows for 3 samples)."""
     model = models.build_random_model("tiny-random").eval()
     processor = models.build_offline_processor(PIXELS, tiny=True)
     inputs = prompt_inputs(processor, 0)
     engine = RolloutEngine(model, TINY_EOS, TINY_PAD, max_new_tokens=10, temperature=0.7)
     (completions,), (logps,) = engine.generate_batch([(inputs, 3)], generator=torch.Generator().manual_seed(0),
                                                      logprobs=True)
+    (_, refilled, refilled_logps), = engine.generate_stream([Request(0, inputs, 3)], rows=2, logprobs=True)
     plain = engine.generate_batch([(inputs, 1)])  # without logprobs: per prompt, token lists only
     assert len(plain) == 1 and all(isinstance(t, int) for t in plain[0][0])
     prompt_len = inputs["input_ids"].shape[1]
-    for tokens, sampled in zip(completions, logps):
+    for tokens, sampled in zip(completions + refilled, logps + refilled_logps):
         assert len(sampled) == len(tokens)
         ids = torch.cat([inputs["input_ids"], torch.tensor([tokens])], dim=1)
         mm = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, len(tokens), dtype=torch.long)], dim=1)
