@@ -17,9 +17,12 @@
 * ``_generate_single_turn`` hands rollouts to the fast engine (:mod:`nbhelpers.rollout`) where it runs; the
   engine's per-token log-probabilities reach TRL as its vLLM path's do (``sampling_per_token_logps``), and
   ``use_vllm`` reads True while the engine generates with the importance-sampling correction on, so TRL's own
-  code computes, applies and logs it (``sampling/sampling_logp_difference/*``, ``sampling/importance_sampling_ratio/*``);
-  with the correction off, ``_compute_loss`` logs the same gap keys from the training forward
-  (:func:`logprob_gap`). Stock ``generate`` returns no log-probabilities: the keys are then absent;
+  code computes, applies and logs it (``sampling/sampling_logp_difference/*``,
+  ``sampling/importance_sampling_ratio/*``); with the correction off, ``_compute_loss`` logs the same gap keys
+  from the training forward (:func:`logprob_gap`). Stock ``generate`` returns no log-probabilities: the keys
+  are then absent;
+* ``CollapseWarningCallback`` (added by ``build_trainer``) prints one line when :mod:`nbhelpers.collapse` finds
+  a policy collapse in the log;
 * ``log`` adds the process's peak GPU memory;
 * ``create_model_card`` writes the run's own card (:mod:`nbhelpers.model_card`).
 
@@ -763,6 +766,6 @@ def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
     return run_dir
 
 
-__all__ = ["ChartRLTrainer", "CollapseWarningCallback", "StepLineCallback", "format_log_line", "build_trainer", "check_run_identity",
+__all__ = ["ChartRLTrainer", "StepLineCallback", "format_log_line", "build_trainer", "check_run_identity",
            "grpo_config", "train", "persistent_store", "SEQUENCE_AVERAGED_LOSSES", "left_out_loss_scale",
-           "select_rows", "without_left_out_rows", "logprob_gap", "GAP_KEYS"]
+           "select_rows", "without_left_out_rows", "logprob_gap", "GAP_KEYS", "CollapseWarningCallback"]
