@@ -38,9 +38,9 @@ def main() -> None:
 
     def counted(self, *args, **kwargs):
         calls["generate"] += 1
-        for key, completions in stream(self, *args, **kwargs):
+        for key, completions, *logprobs in stream(self, *args, **kwargs):  # training asks for log-probabilities
             calls["completions"] += len(completions)
-            yield key, completions
+            yield key, completions, *logprobs
 
     rollout.RolloutEngine.generate_stream = counted
     trainer = build_trainer(cfg, run_dir=out / cfg.run_name)

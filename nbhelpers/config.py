@@ -35,6 +35,8 @@ FINETUNE_KINDS = ("lora", "full")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 ROLLOUT_ENGINES = ("auto", "stock", "fast", "vllm")
 DEEPSPEED_CHOICES = ("none", "zero3", "auto")
+# TRL's importance-sampling modes (GRPOConfig.vllm_importance_sampling_mode), plus off
+IMPORTANCE_SAMPLING_MODES = ("off", "token_truncate", "sequence_truncate", "token_mask", "sequence_mask")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -126,6 +128,14 @@ class RunConfig:
     eval_max_pixels: int = _help("Pixel budget of evaluation images.", default=480 * 28 * 28)
     rollout_engine: str = _help("auto (the fast engine on CUDA and the CPU, else stock), stock, fast or vllm.",
                                 default="auto")
+    importance_sampling_correction: str = _help(
+        "TRL's correction of the gap between the sampler's and the training forward's token log-probabilities "
+        "(its vllm_importance_sampling_*): off, or a mode weighting the loss by the ratio exp(train - sampler "
+        "log-prob), capped at importance_sampling_cap: token_truncate (per token, capped; truncated importance "
+        "sampling), sequence_truncate, token_mask, sequence_mask (ratios above the cap zeroed). Needs the "
+        "sampler's log-probabilities: the fast engine or vllm, not stock generate.", default="off")
+    importance_sampling_cap: float = _help("Upper bound C_max of the importance ratio of "
+                                           "importance_sampling_correction, > 0 (TRL's default 3).", default=3.0)
     # --- logging, checkpoints, persistence -----------------------------------------------
     logging_steps: int = _help("Log every N optimizer steps.", default=10)
     save_steps: int = _help("Save a checkpoint every N optimizer steps.", default=50)
@@ -386,6 +396,13 @@ def validate(cfg: RunConfig, sources: dict[str, str] | None = None) -> None:
     choice("finetune", FINETUNE_KINDS)
     choice("dtype", DTYPES)
     choice("rollout_engine", ROLLOUT_ENGINES)
+    choice("importance_sampling_correction", IMPORTANCE_SAMPLING_MODES)
+    if not (cfg.importance_sampling_cap > 0 and math.isfinite(cfg.importance_sampling_cap)):
+        fail("importance_sampling_cap", f"must be a finite number > 0, got {cfg.importance_sampling_cap}")
+    if cfg.importance_sampling_correction != "off" and cfg.rollout_engine == "stock":
+        fail("importance_sampling_correction", f"is {cfg.importance_sampling_correction}, but rollout_engine stock "
+                                               "(TRL's generate) returns no sampler log-probabilities to correct "
+                                               "with; use rollout_engine auto, fast or vllm, or off")
     if cfg.deepspeed not in (None,) + DEEPSPEED_CHOICES:
         fail("deepspeed", f"must be {', '.join(DEEPSPEED_CHOICES)}, got {cfg.deepspeed!r}")
     positive = ["num_generations", "batch_size", "gradient_accumulation_steps", "max_completion_length",

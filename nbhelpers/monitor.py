@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from .collapse import detect_collapse
 from .plots import TOTAL_REWARD_COLUMNS, plot_training_curves
 
 TRAIN_SUMMARY_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second",
@@ -231,6 +232,8 @@ class RunSummary:
     reward_metric: str | None
     reward_slope_per_step: float | None
     reward_trend: str
+    collapse_step: int | None = None  # first step of a policy collapse (nbhelpers.collapse), None: none found
+    collapse: str | None = None  # its one-line description
 
 
 def _last(frame: pd.DataFrame, column: str) -> float | None:
@@ -251,6 +254,7 @@ def summarize_run(frame: pd.DataFrame, label: str = "run", *, window_fraction: f
     reward_metric = next((c for c in TOTAL_REWARD_COLUMNS if c in frame and frame[c].notna().any()), None)
     trend, slope = (reward_trend(frame["step"], frame[reward_metric]) if reward_metric
                     else ("unknown", None))
+    collapse = detect_collapse(frame.to_dict("records"))
     return RunSummary(
         label=label,
         logged_steps=int(len(frame)),
@@ -266,6 +270,8 @@ def summarize_run(frame: pd.DataFrame, label: str = "run", *, window_fraction: f
         reward_metric=reward_metric,
         reward_slope_per_step=slope,
         reward_trend=trend,
+        collapse_step=None if collapse is None else collapse.step,
+        collapse=None if collapse is None else collapse.message(),
     )
 
 
@@ -301,6 +307,7 @@ def format_summary(summary: RunSummary, window_fraction: float = WINDOW_FRACTION
         f"training time: {time}",
         f"convergence: {summary.verdict}{cv}",
         f"reward trend: {reward}",
+        f"collapse: {summary.collapse or 'none detected'}",
     ]) + "\n"
 
 

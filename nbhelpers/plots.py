@@ -19,6 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, PercentFormatter
 
+from .collapse import detect_collapse
 from .passk import load_results
 
 ResultsLike = Mapping | str | os.PathLike
@@ -281,7 +282,8 @@ def plot_training_curves(runs: pd.DataFrame | Mapping[str, pd.DataFrame], *,
     runs, one panel per reward and per kept-sample count, so that the legend lists only the runs).
     smoothing: rolling-mean window in logged points (1 = raw). title: above all panels, e.g. the
     run's mode, model and seed. Legends never cover the curves: the runs' legend is above the panels,
-    a panel's own legend (one run, several columns) right of it.
+    a panel's own legend (one run, several columns) right of it. A run's policy collapse
+    (:func:`nbhelpers.collapse.detect_collapse`) is a dashed vertical line at its step in every panel.
     """
     runs = {"run": runs} if isinstance(runs, pd.DataFrame) else dict(runs)
     if not runs:
@@ -300,6 +302,7 @@ def plot_training_curves(runs: pd.DataFrame | Mapping[str, pd.DataFrame], *,
         panels = [(metric, [metric]) for metric in metrics]
     if len(runs) > 1:
         panels = _one_panel_per_column(panels)
+    collapses = {label: detect_collapse(frame.to_dict("records")) for label, frame in runs.items()}
     n_columns = min(2, len(panels))
     n_rows = math.ceil(len(panels) / n_columns)
     figure = Figure(figsize=(6.4 * n_columns, 3.2 * n_rows), layout="constrained")
@@ -316,6 +319,10 @@ def plot_training_curves(runs: pd.DataFrame | Mapping[str, pd.DataFrame], *,
                 parts = ([label] if len(runs) > 1 else []) + ([_short_name(column)] if len(panel_columns) > 1 else [])
                 name = ": ".join(parts) or label
                 ax.plot(series["step"], values, label=name)
+        for label, event in collapses.items():
+            if event is not None:
+                ax.axvline(event.step, color="tab:red", linestyle="--", linewidth=1,
+                           label=f"_collapse {label} step {event.step}")  # "_": kept out of every legend
         ax.set_title(panel_title)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(_ylabel(panel_title, panel_columns[0]))
@@ -324,7 +331,8 @@ def plot_training_curves(runs: pd.DataFrame | Mapping[str, pd.DataFrame], *,
         if len(panel_columns) > 1:
             ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     if len(runs) > 1:  # one legend of the runs for all panels, above them
-        handles = {line.get_label(): line for ax in figure.axes for line in ax.get_lines()}
+        handles = {line.get_label(): line for ax in figure.axes for line in ax.get_lines()
+                   if not line.get_label().startswith("_")}
         figure.legend(list(handles.values()), list(handles), loc="outside upper center",
                       ncols=min(len(handles), 3), fontsize="small")
     return _finish(figure, save_to)

@@ -14,7 +14,15 @@
 * ``create_optimizer`` makes a step in which no sample is kept skip the optimizer (no update, no NaN;
   logged as ``mode/empty_step``), and so does a step whose gradients are not finite (said on the console,
   counted as ``optimizer/nonfinite_steps``);
-* ``_generate_single_turn`` hands rollouts to the fast engine (:mod:`nbhelpers.rollout`) where it runs;
+* ``_generate_single_turn`` hands rollouts to the fast engine (:mod:`nbhelpers.rollout`) where it runs; the
+  engine's per-token log-probabilities reach TRL as its vLLM path's do (``sampling_per_token_logps``), and
+  ``use_vllm`` reads True while the engine generates with the importance-sampling correction on, so TRL's own
+  code computes, applies and logs it (``sampling/sampling_logp_difference/*``,
+  ``sampling/importance_sampling_ratio/*``); with the correction off, ``_compute_loss`` logs the same gap keys
+  from the training forward (:func:`logprob_gap`). Stock ``generate`` returns no log-probabilities: the keys
+  are then absent;
+* ``CollapseWarningCallback`` (added by ``build_trainer``) prints one line when :mod:`nbhelpers.collapse` finds
+  a policy collapse in the log;
 * ``log`` adds the process's peak GPU memory;
 * ``create_model_card`` writes the run's own card (:mod:`nbhelpers.model_card`).
 
@@ -49,6 +57,16 @@ log = logging.getLogger(__name__)
 # Loss types whose TRL normaliser is a per-sequence average: rescaled to count kept sequences only.
 SEQUENCE_AVERAGED_LOSSES = ("grpo", "sapo", "dr_grpo")
 NONFINITE_KEY = "optimizer/nonfinite_steps"  # logged: optimizer steps skipped for NaN/inf gradients so far
+GAP_KEYS = ("sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max")  # TRL's names
+
+
+def logprob_gap(train_logps: torch.Tensor, sampler_logps: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mean, max) of |training-forward log-prob - sampler log-prob| in nats over the tokens where ``mask`` is
+    non-zero ([B, T] each), NaN sampler values left out as TRL does; None when no token is left."""
+    delta = (train_logps.detach() - sampler_logps).abs()
+    delta = delta[mask.bool() & ~torch.isnan(delta)]
+    return None if delta.numel() == 0 else (delta.mean(), delta.max())
 
 
 def left_out_loss_scale(loss_type: str, rows: int, accumulation: float, processes: int, kept_sequences: float,
@@ -101,6 +119,7 @@ class ChartRLTrainer(GRPOTrainer):
         self.correctness_from = correctness_from
         self.rollout_engine = rollout_engine
         self._fast_rollouts: bool | None = None  # decided at the first generation
+        self._forward_logps: torch.Tensor | None = None  # the last _get_per_token_logps_and_entropies result
         self._skip_optimizer_step = False
         self.nonfinite_steps = 0  # optimizer steps skipped for NaN/inf gradients
         self._nonfinite_counted_history = False
@@ -122,7 +141,9 @@ class ChartRLTrainer(GRPOTrainer):
                                              has_tool_images)
 
     def _use_fast_rollouts(self) -> bool:
-        """auto: the fast engine where it can run (else stock, saying why once); fast: required; else stock."""
+        """auto: the fast engine where it can run (else stock, saying why once); fast: required; else stock.
+        auto falling back to stock with the importance-sampling correction on is an error (stock has no sampler
+        log-probabilities; RunConfig refuses rollout_engine stock with the correction before any work)."""
         if self._fast_rollouts is None:
             self._fast_rollouts = False
             if self.rollout_engine in ("auto", "fast"):
@@ -131,10 +152,46 @@ class ChartRLTrainer(GRPOTrainer):
                 reason = trainer_rollout_unavailable_reason(self)
                 if reason is not None and self.rollout_engine == "fast":
                     raise RuntimeError(f"rollout_engine 'fast' cannot run here: {reason}")
+                if reason is not None and self.vllm_importance_sampling_correction:
+                    raise RuntimeError(f"importance_sampling_correction is on, but the fast rollout engine cannot "
+                                       f"run here ({reason}) and TRL's stock generate returns no sampler "
+                                       "log-probabilities; set importance_sampling_correction: off")
                 if reason is not None:
                     log.warning("fast rollout engine off (%s); training uses TRL's generate", reason)
                 self._fast_rollouts = reason is None
         return self._fast_rollouts
+
+    @property
+    def use_vllm(self) -> bool:
+        """TRL's switch for its vLLM-only steps; also True while the fast engine generates with the importance-
+        sampling correction on, so that TRL computes the ratio from the engine's log-probabilities, applies it to
+        the loss and logs it, with its own code."""
+        return getattr(self, "_use_vllm", False) or bool(
+            getattr(self, "_fast_rollouts", None) and getattr(self, "vllm_importance_sampling_correction", False))
+
+    @use_vllm.setter
+    def use_vllm(self, value: bool) -> None:  # TRL's __init__ sets it from args.use_vllm
+        self._use_vllm = bool(value)
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        self._forward_logps = result[0]
+        return result
+
+    def _trl_loss(self, model, inputs):
+        """TRL's loss of a micro-batch. With sampler log-probabilities and TRL's correction off (TRL then logs no
+        gap), logs :func:`logprob_gap` of this training forward under TRL's gap keys (per micro-batch, averaged
+        over the logging window as TRL's metrics are)."""
+        self._forward_logps = None
+        loss = super()._compute_loss(model, inputs)
+        sampler = inputs.get("sampling_per_token_logps")
+        if sampler is not None and not self.vllm_importance_sampling_correction and self._forward_logps is not None:
+            gap = logprob_gap(self._forward_logps, sampler, _loss_mask(inputs))
+            if gap is not None:
+                metrics = self._metrics["train" if self.model.training else "eval"]
+                metrics[GAP_KEYS[0]].append(self.accelerator.gather(gap[0]).mean().item())
+                metrics[GAP_KEYS[1]].append(self.accelerator.gather(gap[1]).max().item())
+        return loss
 
     # -- rewards -> correctness -> advantages ------------------------------------------------
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -175,11 +232,11 @@ class ChartRLTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         if self.mode == "grpo":
-            return super()._compute_loss(model, inputs)
+            return self._trl_loss(model, inputs)
         counts = self._kept_counts(inputs)
         rows = max(int(counts[:, 0].max()), 1)
         inputs = without_left_out_rows(inputs, rows)
-        loss = super()._compute_loss(model, inputs)
+        loss = self._trl_loss(model, inputs)
         scale = left_out_loss_scale(
             self.loss_type, rows=inputs["completion_mask"].size(0),
             accumulation=self.current_gradient_accumulation_steps if self.model.training else 1.0,
@@ -365,6 +422,24 @@ class StepLineCallback(TrainerCallback):
         tqdm.write(format_log_line(self.mode, state.global_step, state.max_steps, logs or {}, per_step))
 
 
+class CollapseWarningCallback(TrainerCallback):
+    """Prints one warning line, once per training session, when :func:`nbhelpers.collapse.detect_collapse` finds a
+    policy collapse in the log history (naming the step and the statistic)."""
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        from .collapse import detect_collapse
+
+        if self.warned or not state.is_world_process_zero:
+            return
+        event = detect_collapse(state.log_history)
+        if event is not None:
+            self.warned = True
+            log.warning("%s", event.message())
+
+
 class TensorBoardNumbers(TensorBoardCallback):
     """TensorBoard logging without the values TRL logs as None (a metric with no valid value in the
     window, such as clip_ratio/low_min of a psr step with no kept token), which a scalar cannot hold."""
@@ -416,8 +491,17 @@ def grpo_config(cfg: RunConfig, run_dir: Path, dtype: str, use_cpu: bool, deepsp
         activation_checkpointing=cfg.gradient_checkpointing, use_cpu=use_cpu, deepspeed=deepspeed_file,
         remove_unused_columns=False, dataloader_num_workers=0, log_completions=False,
         use_vllm=(cfg.rollout_engine == "vllm"),
-        disable_tqdm=False,
+        disable_tqdm=False, **importance_sampling_settings(cfg),
     )
+
+
+def importance_sampling_settings(cfg: RunConfig) -> dict[str, Any]:
+    """GRPOConfig's vllm_importance_sampling_* for ``importance_sampling_correction`` (TRL's default is on)."""
+    if cfg.importance_sampling_correction == "off":
+        return {"vllm_importance_sampling_correction": False}
+    return {"vllm_importance_sampling_correction": True,
+            "vllm_importance_sampling_mode": cfg.importance_sampling_correction,
+            "vllm_importance_sampling_clip_max": cfg.importance_sampling_cap}
 
 
 def _reward_weight_names(weights: dict) -> dict:
@@ -486,7 +570,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list |
     use_cpu = not torch.cuda.is_available()
     deepspeed_file = _in_process_deepspeed_file(cfg, use_cpu)
     args = grpo_config(cfg, run_dir, dtype, use_cpu, deepspeed_file)
-    all_callbacks = [StepLineCallback(cfg.mode), *(callbacks or [])]
+    all_callbacks = [StepLineCallback(cfg.mode), CollapseWarningCallback(), *(callbacks or [])]
     if "tensorboard" in cfg.report_to and PartialState().is_main_process:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -686,4 +770,4 @@ def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
 
 __all__ = ["ChartRLTrainer", "StepLineCallback", "format_log_line", "build_trainer", "check_run_identity",
            "grpo_config", "train", "persistent_store", "SEQUENCE_AVERAGED_LOSSES", "left_out_loss_scale",
-           "select_rows", "without_left_out_rows"]
+           "select_rows", "without_left_out_rows", "logprob_gap", "GAP_KEYS", "CollapseWarningCallback"]

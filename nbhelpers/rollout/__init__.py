@@ -11,7 +11,7 @@ from .dispatch import (ENGINE_CHOICES, cached_engine, resolve_engine, sample_com
 from .engine import (Request, RolloutEngine, base_model, engine_unavailable_reason, model_unsupported_reason)
 from .kernels import attention_bias, shared_prefix_attention, triton_decode_attention
 from .logits import (gumbel_max_sample, make_warpers, process_logits, sample_key, seeded_gumbel_sample,
-                     truncate_at_eos)
+                     token_logprobs, truncate_at_eos)
 from .notices import FALLBACK_ENV, WEIGHTS_ENV
 from .trainer import group_consecutive, split_prompts, trainer_generate, trainer_rollout_unavailable_reason
 from .vllm import collapse_image_pads, vllm_sample
@@ -22,5 +22,5 @@ __all__ = ["ENGINE_CHOICES", "FALLBACK_ENV", "WEIGHTS_ENV", "DecodeWeights", "Re
            "group_consecutive", "gumbel_max_sample", "make_warpers", "merged_weight", "model_unsupported_reason",
            "process_logits", "resolve_engine", "sample_completions", "sample_key", "sample_problems",
            "seeded_gumbel_sample", "shared_prefix_attention", "split_prompts", "stock_generate",
-           "trainer_generate", "trainer_rollout_unavailable_reason", "triton_decode_attention", "truncate_at_eos",
-           "vllm_sample"]
+           "token_logprobs", "trainer_generate", "trainer_rollout_unavailable_reason", "triton_decode_attention",
+           "truncate_at_eos", "vllm_sample"]

@@ -15,7 +15,10 @@ Stock ``model.generate(num_return_sequences=n)`` encodes the image and the promp
    to the compute dtype, never changing the model's parameters), a Triton flash-decoding kernel for attention
    and torch.compile-fused norms, rotary embedding and activation;
 5. samples as Hugging Face ``generate`` does (:mod:`.logits`). Requests with a seed draw from noise hashed from
-   (seed, sample index, token index), so their completions do not depend on what else shares the batch.
+   (seed, sample index, token index), so their completions do not depend on what else shares the batch;
+6. on request (``logprobs=True``) returns each sampled token's log-probability under the float32 logits it was
+   drawn from, divided by the temperature, over the whole vocabulary (:func:`.logits.token_logprobs`): what TRL's
+   training forward recomputes, so the two differ only by the engine's arithmetic (kernels, dtype, no dropout).
 
 Supported: Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``), plain or PEFT-wrapped; on CUDA with graphs and
 fast kernels; on the CPU eagerly with plain PyTorch ops (about 1.8x stock ``generate`` there, whose per-step
@@ -42,7 +45,7 @@ import torch
 
 from . import kernels
 from .logits import (column_keys, draw_tokens, gumbel_max_sample, make_warpers, process_logits, sample_key,
-                     seeded_gumbel_sample, seeded_temperature_sample, truncate_at_eos)
+                     seeded_gumbel_sample, seeded_temperature_sample, token_logprobs, truncate_at_eos)
 from .notices import FALLBACK_ENV, forced_fallback, log, warn_once
 from .weights import DecodeWeights, choose_mode, memory_budget
 
@@ -128,11 +131,13 @@ class _Problem:
     request: Request
     region: int
     first: list[int]  # each sample's first token
+    first_logps: list[float]  # and its log-probability (empty unless the run asked for log-probabilities)
     prefix_len: int
     rope_start: int
     next_sample: int = 0
     done: int = 0
     completions: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)  # per sample, one float per completion token (if asked for)
 
 
 @dataclass
@@ -171,6 +176,8 @@ class _Run:
     stop_at: torch.Tensor  # [R] long: forced completion length (max_new + 1: none)
     key_a: torch.Tensor  # [R] int64 seeded-noise keys
     key_b: torch.Tensor
+    logps: torch.Tensor  # [R, max_new + 1] float32: log-probability of each drawn token (if asked for)
+    with_logprobs: bool
     row_sample: list  # per row: (problem, sample index) or None
     start_step: list[int]  # per row: the run's step count when the row was assigned
     free_rows: list[int]
@@ -273,26 +280,32 @@ class RolloutEngine:
                                    seeds=None if seed is None else [seed])[0]
 
     def generate_batch(self, prompts: Sequence[tuple[dict, int]], generator: torch.Generator | None = None,
-                       seeds: Sequence[int] | None = None) -> list[list[list[int]]]:
+                       seeds: Sequence[int] | None = None, logprobs: bool = False):
         """Completions of several prompts in one engine run: [(prompt_inputs, n), ...] -> per prompt, n token
-        lists. Every prompt's rows are decoded together (each prompt's KV stored once for its n rows)."""
+        lists. Every prompt's rows are decoded together (each prompt's KV stored once for its n rows).
+
+        logprobs: return (completions, log-probabilities) instead, the latter per prompt n lists of one float per
+        token (nats, :func:`.logits.token_logprobs`)."""
         if not prompts:
-            return []
+            return ([], []) if logprobs else []
         requests = [Request(i, inputs, n, None if seeds is None else seeds[i]) for i, (inputs, n) in enumerate(prompts)]
         for r in requests:
             self._validate(r)
         out: list = [None] * len(requests)
+        logps: list = [None] * len(requests)
         longest = max(int(r.inputs["input_ids"].shape[1]) for r in requests)
-        for key, completions in self.generate_stream(requests, rows=sum(r.n for r in requests),
-                                                     regions=len(requests), generator=generator,
-                                                     region_cap=longest):
+        for key, completions, *lp in self.generate_stream(requests, rows=sum(r.n for r in requests),
+                                                          regions=len(requests), generator=generator,
+                                                          region_cap=longest, logprobs=logprobs):
             out[key] = completions
-        return out
+            logps[key] = lp[0] if lp else None
+        return (out, logps) if logprobs else out
 
     def generate_stream(self, requests: Iterable[Request], *, rows: int | None = None, regions: int | None = None,
-                        generator: torch.Generator | None = None,
-                        region_cap: int | None = None) -> Iterator[tuple[Any, list[list[int]]]]:
-        """(request key, its n completions) for each request as it finishes (continuous batching).
+                        generator: torch.Generator | None = None, region_cap: int | None = None,
+                        logprobs: bool = False) -> Iterator[tuple]:
+        """(request key, its n completions) for each request as it finishes (continuous batching); with
+        ``logprobs``, (key, completions, per completion one log-probability per token).
 
         rows: decode batch (capped by memory; default: the first request's n); regions: prompts resident at
         once (default: enough to keep the rows busy); requests are read lazily, as rows come free.
@@ -311,14 +324,15 @@ class RolloutEngine:
             regions = regions or min(MAX_REGIONS, 4 + 2 * math.ceil((rows or first.n) / first.n))
             rows = self._rows_that_fit(rows or first.n, max(prompt_len, region_cap or 0), regions)
             state = self._prepare_state(rows, regions, max(prompt_len, region_cap or 0))
-            run = self._new_run(state, requests, generator)
+            run = self._new_run(state, requests, generator, logprobs)
             run.ahead = first
         stats["rows"] = rows
         while True:
             with self._context():
                 finished = self._advance(run, stats)
             for problem in finished:
-                yield problem.request.key, problem.completions
+                yield (problem.request.key, problem.completions, problem.logprobs) if logprobs else \
+                    (problem.request.key, problem.completions)
             if not finished and self._idle(run):
                 return
 
@@ -343,9 +357,10 @@ class RolloutEngine:
         with torch.no_grad(), _eval_mode(self.model):
             yield
 
-    def _new_run(self, state: _DecodeState, requests: Iterator[Request], generator) -> _Run:
+    def _new_run(self, state: _DecodeState, requests: Iterator[Request], generator, logprobs: bool) -> _Run:
         rows, dev = state.rows, self.device
-        return _Run(requests=requests, generator=generator,
+        return _Run(requests=requests, generator=generator, with_logprobs=logprobs,
+                    logps=torch.zeros((rows, self.max_new_tokens + 1) if logprobs else (0, 0), device=dev),
                     out=torch.full((rows, self.max_new_tokens + 1), self.pad_token_id, dtype=torch.long, device=dev),
                     generated=torch.zeros(rows, dtype=torch.long, device=dev),
                     unfinished=torch.zeros(rows, dtype=torch.bool, device=dev),
@@ -392,14 +407,20 @@ class RolloutEngine:
         index = torch.tensor(done, device=self.device)
         lengths = run.generated[index].tolist()
         tokens = run.out[index].tolist()
-        for r, length, row in zip(done, lengths, tokens):
+        logps = run.logps[index].tolist() if run.with_logprobs else [None] * len(done)
+        for r, length, row, row_logps in zip(done, lengths, tokens, logps):
             problem, sample = run.row_sample[r]
             run.row_sample[r] = None
             run.free_rows.append(r)
-            self._complete(run, problem, sample, truncate_at_eos([row[:length]], self.eos_token_ids)[0], stats)
+            completion = truncate_at_eos([row[:length]], self.eos_token_ids)[0]
+            self._complete(run, problem, sample, completion, stats,
+                           None if row_logps is None else row_logps[:len(completion)])
 
-    def _complete(self, run: _Run, problem: _Problem, sample: int, tokens: list[int], stats: dict) -> None:
+    def _complete(self, run: _Run, problem: _Problem, sample: int, tokens: list[int], stats: dict,
+                  logps: list[float] | None = None) -> None:
         problem.completions[sample] = tokens
+        if run.with_logprobs:
+            problem.logprobs[sample] = logps
         problem.done += 1
         stats["tokens"] += len(tokens)
         if problem.done == problem.request.n:
@@ -424,7 +445,8 @@ class RolloutEngine:
             if length == 1:
                 token = self.eos_token_ids[0]
             if token in self.eos_token_ids or self.max_new_tokens == 1:
-                self._complete(run, problem, sample, [token], stats)
+                self._complete(run, problem, sample, [token], stats,
+                               problem.first_logps[sample:sample + 1] if run.with_logprobs else None)
                 continue
             row = run.free_rows.pop()
             run.row_sample[row] = (problem, sample)
@@ -457,6 +479,9 @@ class RolloutEngine:
         run.stop_at[rows] = t[:, 5]
         run.key_a[rows] = t[:, 6]
         run.key_b[rows] = t[:, 7]
+        if run.with_logprobs:
+            run.logps[rows, 0] = torch.tensor([problem.first_logps[sample] for _, problem, sample in assigned],
+                                              device=self.device)
 
     def _admit(self, run: _Run, stats: dict) -> bool:
         """Prefill the next request into a free prompt region; False when none can be admitted now."""
@@ -479,17 +504,19 @@ class RolloutEngine:
         run.ahead = None
         region = run.free_regions.pop()
         t0 = self._now()
-        prefix, scores, rope_start = self._prefill(request.inputs)
+        prefix, logits, scores, rope_start = self._prefill(request.inputs)
         state = self._state
         start = region * state.region_cap
         for (k, v), pk, pv in zip(prefix, state.prefix_k, state.prefix_v):
             pk[:, start:start + k.shape[1]].copy_(k)
             pv[:, start:start + v.shape[1]].copy_(v)
         first = self._first_tokens(scores, request, run.generator)
+        first_logps = token_logprobs(logits, first, self.temperature).tolist() if run.with_logprobs else []
         stats["prefill_s"] += self._now() - t0
         stats["prompts"] += 1
-        problem = _Problem(request=request, region=region, first=first.tolist(), prefix_len=int(prefix[0][0].shape[1]),
-                           rope_start=rope_start, completions=[None] * request.n)
+        problem = _Problem(request=request, region=region, first=first.tolist(), first_logps=first_logps,
+                           prefix_len=int(prefix[0][0].shape[1]), rope_start=rope_start,
+                           completions=[None] * request.n, logprobs=[None] * request.n)
         run.pending.append(problem)
         return True
 
@@ -500,7 +527,7 @@ class RolloutEngine:
         rows = self._rows_that_fit(state.rows, need, state.regions)
         self.drop_graphs()
         state = self._prepare_state(rows, state.regions, need)
-        fresh = self._new_run(state, run.requests, run.generator)
+        fresh = self._new_run(state, run.requests, run.generator, run.with_logprobs)
         fresh.ahead, fresh.exhausted, fresh.seeded, fresh.steps = run.ahead, run.exhausted, run.seeded, run.steps
         run.__dict__.update(fresh.__dict__)
         stats["rows"] = rows
@@ -527,6 +554,8 @@ class RolloutEngine:
         token = torch.where(run.generated == run.stop_at - 1, self.eos_token_ids[0], token)
         token = torch.where(run.unfinished, token, self.pad_token_id)
         run.out[state.row_ids, run.generated] = token
+        if run.with_logprobs:
+            run.logps[state.row_ids, run.generated] = token_logprobs(logits, token, self.temperature)
         run.generated += run.unfinished
         run.unfinished &= ~torch.isin(token, self._eos) & (run.generated < self.max_new_tokens)
         state.tokens.copy_(token)
@@ -565,7 +594,8 @@ class RolloutEngine:
             raise ValueError("forced lengths need one length >= 1 per sample")
 
     def _prefill(self, prompt_inputs: dict):
-        """Prompt + image through the model once: per-layer prompt K/V, processed first-token scores, rope start."""
+        """Prompt + image through the model once: per-layer prompt K/V, the first token's logits [1, V] and its
+        processed scores, rope start."""
         inputs = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in prompt_inputs.items()}
         input_ids = inputs.pop("input_ids")
         if inputs.get("attention_mask") is None:
@@ -579,8 +609,8 @@ class RolloutEngine:
             raise FloatingPointError(nonfinite_logits_message(self.model))
         cache = out.past_key_values
         prefix = [(layer.keys[0], layer.values[0]) for layer in cache.layers]  # [KV, P, D] each
-        scores = self._process(out.logits[:, -1, :], generated=0)
-        return prefix, scores, int(rope[0]) + 1
+        logits = out.logits[:, -1, :]
+        return prefix, logits, self._process(logits, generated=0), int(rope[0]) + 1
 
     # -- buffers -----------------------------------------------------------------------------
     @staticmethod

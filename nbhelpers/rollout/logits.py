@@ -80,6 +80,20 @@ def draw_tokens(scores: torch.Tensor, rows: int, greedy: bool, generator: torch.
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[R] float32 log-probabilities of ``tokens`` [R] under log_softmax(float32 logits [R or 1, V] / T), in nats
+    (<= 0): the quantity TRL's training forward computes per completion token (its fused head divides the logits
+    by the temperature and takes the log-softmax over the whole vocabulary). Top-k/top-p truncation and suppressed
+    tokens are therefore not applied, so the value is comparable with the training forward's; temperature 0
+    (greedy) counts as 1."""
+    scores = logits.to(torch.float32)
+    if temperature not in (0.0, 1.0):
+        scores = scores / temperature
+    if scores.shape[0] != tokens.shape[0]:
+        scores = scores.expand(tokens.shape[0], -1)
+    return scores.gather(-1, tokens.view(-1, 1)).squeeze(1) - torch.logsumexp(scores, dim=-1)
+
+
 def temperature_scores(logits: torch.Tensor, inv_temperature: float, bias: torch.Tensor, bias_below_min: torch.Tensor,
                        below_min: torch.Tensor) -> torch.Tensor:
     """float32 logits / T + bias. bias: [V], 0 or -inf per token; rows with ``below_min`` ([R] bool, fewer than

@@ -102,12 +102,14 @@ def _trainer_engine(trainer, model) -> RolloutEngine:
 
 
 def trainer_generate(trainer, prompt_ids: list[list[int]], multimodal_fields: dict,
-                     num_generations: int) -> tuple[list[list[int]], None]:
+                     num_generations: int) -> tuple[list[list[int]], list[list[float]]]:
     """TRL ``_generate_single_turn`` replacement: one engine run for the whole generation batch (every prompt
     prefilled once, all rows decoded together), results in input order.
 
     TRL repeats each prompt ``num_generations`` times consecutively; runs of identical prompts (ids and
-    images) are found by comparison, so any order is handled. Returns (completion ids, None logprobs).
+    images) are found by comparison, so any order is handled. Returns (completion ids, per-token sampling
+    log-probabilities), the latter as TRL's vLLM path returns them: TRL keeps them as
+    ``sampling_per_token_logps`` (see :func:`.logits.token_logprobs` for what they are).
     """
     from trl.extras.profiling import profiling_context
     from trl.models import unwrap_model_for_generation
@@ -116,6 +118,7 @@ def trainer_generate(trainer, prompt_ids: list[list[int]], multimodal_fields: di
     items = split_prompts(prompt_ids, multimodal_fields, int(base_cfg.image_token_id),
                           int(base_cfg.vision_config.spatial_merge_size))
     completions: list[list[int] | None] = [None] * len(items)
+    logprobs: list[list[float] | None] = [None] * len(items)
     with (
         profiling_context(trainer, "rollout_engine.generate"),
         unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator,
@@ -128,7 +131,9 @@ def trainer_generate(trainer, prompt_ids: list[list[int]], multimodal_fields: di
     ):
         engine = _trainer_engine(trainer, unwrapped_model)
         groups = group_consecutive(items)
-        per_prompt = engine.generate_batch([(items[start], count) for start, count in groups])
-        for (start, count), outputs in zip(groups, per_prompt):
+        per_prompt, per_prompt_logps = engine.generate_batch([(items[start], count) for start, count in groups],
+                                                             logprobs=True)
+        for (start, count), outputs, logps in zip(groups, per_prompt, per_prompt_logps):
             completions[start:start + count] = outputs
-    return completions, None
+            logprobs[start:start + count] = logps
+    return completions, logprobs
