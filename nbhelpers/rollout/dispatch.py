@@ -42,19 +42,28 @@ def stock_generate(model, prompt_inputs: dict, n: int, *, max_new_tokens: int, t
 _engines: "weakref.WeakKeyDictionary[Any, RolloutEngine]" = weakref.WeakKeyDictionary()
 
 
-def resolve_engine(engine: str, model) -> str:
-    """'auto' -> 'fast' where the engine can run, else 'stock' (warning once with the reason)."""
+def engine_choice(engine: str, reason: str | None) -> str:
+    """The generation path for the requested ``engine`` when the fast engine cannot run for ``reason`` (None: it
+    can): 'auto' -> 'fast', or 'stock' with a reason; 'fast' with a reason -> RuntimeError; 'stock' and 'vllm'
+    as asked."""
     if engine not in ENGINE_CHOICES:
         raise ValueError(f"rollout engine must be one of {', '.join(ENGINE_CHOICES)}, got '{engine}'")
     if engine in ("stock", "vllm"):
         return engine
-    reason = engine_unavailable_reason(model)
     if reason is None:
         return "fast"
     if engine == "fast":
         raise RuntimeError(f"rollout engine 'fast' was asked for but cannot run: {reason}")
-    warn_once(f"{reason}; using stock generate")
     return "stock"
+
+
+def resolve_engine(engine: str, model) -> str:
+    """'auto' -> 'fast' where the engine can run on ``model``, else 'stock' (warning once with the reason)."""
+    reason = None if engine in ("stock", "vllm") else engine_unavailable_reason(model)
+    choice = engine_choice(engine, reason)
+    if reason is not None and choice == "stock":
+        warn_once(f"{reason}; using stock generate")
+    return choice
 
 
 def cached_engine(model, **settings: Any) -> RolloutEngine:

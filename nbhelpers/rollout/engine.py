@@ -71,15 +71,23 @@ def model_unsupported_reason(model) -> str | None:
     if name not in SUPPORTED_MODEL_CLASSES:
         return f"fast rollout engine supports {', '.join(SUPPORTED_MODEL_CLASSES)}, not {name}"
     if any(p.numel() == 0 for p in base.parameters()):
-        return "fast rollout engine needs the full weights; some parameters are partitioned (DeepSpeed ZeRO-3)"
+        return PARTITIONED_REASON
     return _text_config_reason(base.config.get_text_config())
+
+
+PARTITIONED_REASON = "the fast rollout engine needs the full weights, and DeepSpeed ZeRO-3 partitions them"
+
+
+def forced_off_reason() -> str | None:
+    """Why the environment turns the engine off (``CHARTRL_ROLLOUT_FALLBACK=stock``), or None."""
+    return f"{FALLBACK_ENV}=stock forces stock generation" if forced_fallback() == "stock" else None
 
 
 def engine_unavailable_reason(model) -> str | None:
     """None when the fast engine can run on ``model`` (CUDA or the CPU, supported model, not forced off);
     otherwise why not."""
-    if forced_fallback() == "stock":
-        return f"{FALLBACK_ENV}=stock forces stock generation"
+    if forced_off_reason() is not None:
+        return forced_off_reason()
     reason = model_unsupported_reason(model)
     if reason is not None:
         return reason
