@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import torch
 
 from .engine import RolloutEngine, base_model, engine_unavailable_reason
+from .weights import ComputeCopies
 
 
 def split_prompts(prompt_ids: Sequence[Sequence[int]], multimodal_fields: dict, image_token_id: int,
@@ -88,6 +89,23 @@ def trainer_rollout_unavailable_reason(trainer) -> str | None:
     return engine_unavailable_reason(trainer.accelerator.unwrap_model(trainer.model_wrapped))
 
 
+def rollout_model(trainer, model):
+    """The model the engine decodes with: ``model`` itself, or, when ``model`` holds fp32 master weights that
+    train under bf16/fp16 mixed precision (full fine-tuning without DeepSpeed), its :class:`.weights.ComputeCopies`
+    in that dtype, refreshed when an optimizer step has run since the last generation (``state.global_step``).
+    LoRA models (frozen base in the compute dtype, PEFT's fp32 adapters) decode as they are."""
+    args = trainer.args
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    if dtype is None or base_model(model) is not model or model.get_input_embeddings().weight.dtype != torch.float32:
+        return model
+    copies = getattr(trainer, "_chartrl_compute_copies", None)
+    if copies is None or copies.master is not model or copies.dtype != dtype:
+        copies = ComputeCopies(model, dtype)
+        trainer._chartrl_compute_copies = copies
+    copies.refresh(trainer.state.global_step)
+    return copies.model
+
+
 def _trainer_engine(trainer, model) -> RolloutEngine:
     """The trainer's engine for ``model``, built once with the trainer's generation settings."""
     settings = dict(eos_token_ids=tuple(trainer.eos_token_ids), pad_token_id=trainer._tokenizer.pad_token_id,
@@ -129,7 +147,7 @@ def trainer_generate(trainer, prompt_ids: list[list[int]], multimodal_fields: di
         torch.no_grad(),
         trainer._dist.summon_full_params(trainer.model_wrapped, recurse=False),
     ):
-        engine = _trainer_engine(trainer, unwrapped_model)
+        engine = _trainer_engine(trainer, rollout_model(trainer, unwrapped_model))
         groups = group_consecutive(items)
         per_prompt, per_prompt_logps = engine.generate_batch([(items[start], count) for start, count in groups],
                                                              logprobs=True)

@@ -17,6 +17,9 @@ Per decoder layer the seven projections form four groups that share an input: (q
 :func:`choose_mode`: fused where the copies take at most a quarter of the device memory and half of what is
 free, else adapters; ``CHARTRL_ROLLOUT_WEIGHTS`` forces one; LoRA variants the engine does not implement
 (DoRA, adapter biases) use modules.
+
+:class:`ComputeCopies`: a bf16/fp16 copy of a whole model whose fp32 master weights training updates (full
+fine-tuning under autocast), for the engine to decode with at the compute dtype's speed.
 """
 
 from __future__ import annotations
@@ -232,3 +235,66 @@ def choose_mode(layers, device: torch.device, dtype: torch.dtype, requested: str
     warn_once(f"fast rollout engine: fused weight copies ({need / 1e9:.1f} GB) do not fit beside the model "
               f"({free / 1e9:.1f} GB free of {total / 1e9:.1f} GB); LoRA adapters run unmerged in {dtype}")
     return "adapters"
+
+
+class ComputeCopies:
+    """A copy of ``model`` in a low-precision compute ``dtype`` for the engine to decode with, while training
+    updates ``model``'s fp32 master weights (full fine-tuning under bf16/fp16 autocast).
+
+    The copy has ``model``'s class and config, built without initialisation; its parameters are the masters
+    rounded once to ``dtype`` (tied parameters stay tied), its buffers (rotary frequencies) the master's own
+    values, and it never needs gradients. :meth:`refresh` copies the masters into it in place, so its storage,
+    and the engine's CUDA graphs that read it, stay valid. Memory: 2 bytes per parameter in bf16/fp16.
+    """
+
+    def __init__(self, model, dtype: torch.dtype) -> None:
+        self.master = model
+        self.dtype = dtype
+        self.model = _uninitialised_copy(model, dtype)
+        copies = dict(self.model.named_parameters())
+        masters = dict(model.named_parameters())
+        if copies.keys() != masters.keys():
+            raise ValueError("compute copies: the copy's parameters differ from the model's")
+        self._pairs = [(copies[name], master) for name, master in masters.items()]
+        self.version = None  # the key of the weights the copy holds (None: not filled yet)
+        self.refreshes = 0  # copies made so far
+
+    def refresh(self, version) -> bool:
+        """Copy the masters into the copy unless it already holds the weights of ``version`` (any hashable key
+        that changes whenever the masters do, e.g. the optimizer step count); True when it copied."""
+        if self.version is not None and version == self.version:
+            return False
+        with torch.no_grad():
+            for copy, master in self._pairs:
+                copy.copy_(master)
+        self.version = version
+        self.refreshes += 1
+        return True
+
+    def copy_bytes(self) -> int:
+        """Bytes of the copy's parameters."""
+        return sum(copy.numel() * copy.element_size() for copy, _ in self._pairs)
+
+
+def _uninitialised_copy(model, dtype: torch.dtype):
+    """``model``'s class built from its config on the meta device, then given empty parameters of ``dtype`` (one
+    tensor per tied group) on the model's device and clones of the model's buffers; eval mode, no gradients."""
+    device = next(model.parameters()).device
+    with torch.device("meta"):
+        copy = type(model)(model.config)
+    made: dict[int, torch.nn.Parameter] = {}
+    for module in copy.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in made:
+                kind = dtype if param.is_floating_point() else param.dtype
+                made[id(param)] = torch.nn.Parameter(torch.empty(param.shape, dtype=kind, device=device),
+                                                     requires_grad=False)
+            module._parameters[name] = made[id(param)]
+    masters = dict(model.named_modules())
+    for name, module in copy.named_modules():
+        for key, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[key] = masters[name]._buffers[key].detach().clone()
+    return copy.eval()
