@@ -116,7 +116,9 @@ class RunConfig:
     lora_dropout: float = _help("LoRA dropout, in [0, 1).", default=0.05)
     lora_target_modules: list = _help("Module names that get LoRA adapters.",
                                       default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    dtype: str = _help("auto (from the platform), bf16, fp16 or fp32.", default="auto")
+    dtype: str = _help("Compute dtype: auto (from the platform), bf16, fp16 or fp32. Full fine-tuning without "
+                       "DeepSpeed keeps fp32 master weights and computes in bf16/fp16 under autocast; LoRA keeps the "
+                       "frozen base weights in this dtype and its adapters in fp32.", default="auto")
     attn_implementation: str = _help("sdpa or eager.", default="sdpa")
     max_prompt_length: int | None = _help("Truncate prompts to this many tokens (None: no limit).",
                                           default=None)
@@ -487,8 +489,6 @@ def validate(cfg: RunConfig, sources: dict[str, str] | None = None) -> None:
         above = [k for k in cfg.passk_ks if k > cfg.n_samples]
         if above:
             fail("passk_ks", f"has k values {above} above n_samples = {cfg.n_samples}")
-    if cfg.dtype == "fp16" and cfg.finetune == "full":
-        fail("dtype", "fp16 full fine-tuning is unstable without a master copy; use lora or bf16/fp32")
 
 
 def resolved_epsilon_high(cfg: RunConfig) -> float:

@@ -536,11 +536,13 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list |
     from accelerate import PartialState
 
     from . import data, models
-    from .platform import detect_platform, resolve_dtype
+    from .platform import resolve_training_path
 
     check_environment(cfg)
-    platform = detect_platform()
-    dtype = resolve_dtype(cfg.dtype, platform)
+    path = resolve_training_path(cfg)
+    dtype = path.dtype
+    if PartialState().is_main_process:
+        print(path.line(), flush=True)
     run_dir = Path(run_dir or cfg.run_dir())
     if processor is None:
         processor = models.load_processor(cfg.vlm_name, cfg.max_pixels)
@@ -563,12 +565,12 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list |
             warnings.filterwarnings("ignore", category=UserWarning,
                                     message=f"Could not find a config file in {re.escape(cfg.vlm_name)} ")
         device = PartialState().device if random_model else "cpu"
-        model = models.load_model(cfg.vlm_name, models.torch_dtype(dtype), device=device,
+        model = models.load_model(cfg.vlm_name, models.torch_dtype(path.weights_dtype), device=device,
                                   attn_implementation=cfg.attn_implementation)
     peft_config = models.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules) \
         if cfg.finetune == "lora" else None
     use_cpu = not torch.cuda.is_available()
-    deepspeed_file = _in_process_deepspeed_file(cfg, use_cpu)
+    deepspeed_file = _in_process_deepspeed_file(path.deepspeed)
     args = grpo_config(cfg, run_dir, dtype, use_cpu, deepspeed_file)
     all_callbacks = [StepLineCallback(cfg.mode), CollapseWarningCallback(), *(callbacks or [])]
     if "tensorboard" in cfg.report_to and PartialState().is_main_process:
@@ -586,15 +588,12 @@ def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list |
     return trainer
 
 
-def _in_process_deepspeed_file(cfg: RunConfig, use_cpu: bool) -> str | None:
-    """The DeepSpeed JSON for a run started in-process; under ``accelerate launch`` its config file rules."""
-    from .platform import deepspeed_config_path, resolve_deepspeed
+def _in_process_deepspeed_file(deepspeed: str) -> str | None:
+    """The DeepSpeed JSON for a run started in-process whose DeepSpeed, as it runs here (TrainingPath.deepspeed),
+    is ``deepspeed``; under ``accelerate launch`` its config file rules."""
+    from .platform import deepspeed_config_path
 
-    if resolve_deepspeed(cfg.deepspeed, cfg.finetune)[0] != "zero3" or use_cpu or \
-            os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
-        return None
-    if importlib.util.find_spec("deepspeed") is None:
-        log.warning("deepspeed: zero3 asked for but the deepspeed package is not installed; training without it")
+    if deepspeed != "zero3" or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
         return None
     return str(deepspeed_config_path())
 
