@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .config import MODES, ConfigError, RunConfig, field_help, load_config, parameter_names, resolve_parameter_file
+from .config import (MODES, ConfigError, RunConfig, describe, field_help, load_config, parameter_names,
+                     resolve_parameter_file)
 from .errors import InputError
 from .registry import DATASET_NAMES, MODEL_REGISTRY, check_dataset_names, check_names, resolve_model
 
@@ -99,10 +100,24 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, TRAIN_FLAGS)
     p.add_argument("--disable-gradient-checkpointing", action="store_true",
                    help="turn gradient checkpointing off (faster, more memory)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the training path (rollout engine, dtypes, DeepSpeed, processes), the resolved "
+                        "configuration and the step estimate, then exit without loading a model or data")
+
+
+def dry_run(cfg: RunConfig) -> str:
+    """What ``train --dry-run`` prints: the training path line, the resolved configuration, the step estimate."""
+    from .params import training_estimate
+    from .platform import resolve_training_path
+
+    return "\n".join([resolve_training_path(cfg).line(), describe(cfg), f"Estimate: {training_estimate(cfg)}"])
 
 
 def _run_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, TRAIN_FLAGS)
+    if args.dry_run:
+        print(dry_run(cfg))
+        return 0
     from .trainer import train
 
     run_dir = train(cfg)
