@@ -184,7 +184,7 @@ def test_epsilon_high_defaults_to_trls_recommendation_per_loss_type(overrides, e
 
 @pytest.mark.parametrize("finetune, dtype, deepspeed, config_file", [
     ("lora", "fp16", "none", "multi-gpu.yaml"),  # plain data parallel, the fast engine on each T4
-    ("full", "fp32", "zero3", "zero3-2gpu.yaml"),
+    ("full", "fp16", "zero3", "zero3-2gpu.yaml"),  # fp16 full fine-tuning: fp32 masters in DeepSpeed
 ])
 def test_kaggle_platform_picks_data_parallel_for_lora_and_zero3_for_full(finetune, dtype, deepspeed, config_file):
     from nbhelpers.platform import accelerate_config_path, resolve_deepspeed
