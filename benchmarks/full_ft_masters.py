@@ -18,9 +18,10 @@ trains too), ``finetune: full``, ``deepspeed: none``, ``learning_rate`` 1e-6, ``
 Per variant: ``step_s`` (median wall time of the steps after the first, which captures CUDA graphs and compiles;
 rollouts, forward, backward and optimizer), ``update_s`` (the same without the rollouts, whose length differs
 between variants once their weights differ), ``peak_gib`` (torch.cuda.max_memory_allocated, reset before each
-variant; None on the CPU), ``state_gib`` (weights + gradients + optimizer state + compute copies, counted from the
-tensors), ``unchanged`` (share of weight elements equal to their initial value after all steps) and
-``empty_steps`` (steps nsr skipped: no wrong completion). The results go to ``<out>/full-ft-masters-<device>-
+variant; None on the CPU), ``resident_before_gib`` (what earlier variants left allocated), ``state_gib``
+(weights + gradients + optimizer state + compute copies, counted from the tensors), ``unchanged`` (share of
+weight elements equal to their initial value after all steps) and ``empty_steps`` (steps nsr skipped: no wrong
+completion). The results go to ``<out>/full-ft-masters-<device>-
 <date>.json`` and ``.md`` (``--out``, default benchmarks/results); the last line printed is the JSON.
 """
 
@@ -149,6 +150,7 @@ def run_variant(model_name: str, variant: str, args: argparse.Namespace, out_roo
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated() / GIB if torch.cuda.is_available() else None  # left by earlier runs
     weights = torch.bfloat16 if variant == "bf16-weights" else torch.float32
     model = models.load_model(model_name, weights, device=args.device, attn_implementation=cfg.attn_implementation)
     initial = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
@@ -165,7 +167,7 @@ def run_variant(model_name: str, variant: str, args: argparse.Namespace, out_roo
               "rollout_times_s": [round(t, 4) for t in timer.rollouts],
               "step_s": statistics.median(timer.times[1:]),
               "update_s": statistics.median(t - r for t, r in zip(timer.times[1:], timer.rollouts[1:])),
-              "peak_gib": peak,
+              "peak_gib": peak, "resident_before_gib": resident,
               "state_gib": training_state_bytes(trainer) / GIB, "unchanged": unchanged / elements,
               "empty_steps": int(round(empty))}
     del trainer, model, initial
