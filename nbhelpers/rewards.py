@@ -121,7 +121,7 @@ def normalised_answer(text: Any) -> str:
     return (stripped[:-1].rstrip() if stripped.endswith(".") else stripped).lower()
 
 
-def _to_number(text: str) -> float | None:
+def answer_number(text: str) -> float | None:
     """The finite number `text` denotes, or None.
 
     `float()` syntax; a trailing `%` divides by 100; commas are dropped only when they group
@@ -154,7 +154,7 @@ def relaxed_correctness(prediction: str, target: str, max_relative_change: float
     against a bare number of the same digits ("12%" is 0.12, so != "12" but == "0.12").
     """
     prediction_text, target_text = normalised_answer(prediction), normalised_answer(target)
-    predicted, expected = _to_number(prediction_text), _to_number(target_text)
+    predicted, expected = answer_number(prediction_text), answer_number(target_text)
     if predicted is not None and expected is not None:
         if expected != 0:
             return abs(predicted - expected) / abs(expected) <= max_relative_change
