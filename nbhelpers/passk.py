@@ -485,10 +485,11 @@ def chance_floor_values(rates, ks: Sequence[int], *, bootstrap: int = 1000,
 # Results
 
 
-def _table(values: np.ndarray, ks: Sequence[int], n_samples: int, bootstrap: int, seed: int,
-           floor: np.ndarray | None = None) -> dict:
-    """A results table of per-problem Pass@k ``values`` (problems x ks), with the chance floor from its
-    per-problem matrix ``floor`` (chance_floor_matrix) when given."""
+def results_table(values: np.ndarray, ks: Sequence[int], n_samples: int, bootstrap: int, seed: int,
+                  floor: np.ndarray | None = None) -> dict:
+    """The table keys of a results file (n_problems, n_samples, pass_at_k, ci95) from per-problem Pass@k
+    ``values`` (problems x ks), plus chance_floor and chance_floor_ci95 from the per-problem matrix ``floor``
+    (chance_floor_matrix) when given; intervals by `bootstrap_mean_ci` with ``seed``."""
     low, high = bootstrap_mean_ci(values, bootstrap=bootstrap, seed=seed)
     estimate = values.mean(axis=0)
     table = {
@@ -536,7 +537,7 @@ def passk_results(problems: Sequence[ProblemCounts], method: str, *, bootstrap: 
     for row, problem in enumerate(problems):
         rows_by_dataset[problem.dataset].append(row)
     per_dataset = {
-        name: _table(values[rows], ks, min(problems[r].n for r in rows), bootstrap, seed,
+        name: results_table(values[rows], ks, min(problems[r].n for r in rows), bootstrap, seed,
                      None if floor is None else floor[rows])
         for name, rows in sorted(rows_by_dataset.items())}
     meta = {
@@ -552,7 +553,7 @@ def passk_results(problems: Sequence[ProblemCounts], method: str, *, bootstrap: 
     return {
         "method": method,
         "dataset": next(iter(per_dataset)) if len(per_dataset) == 1 else "all",
-        **_table(values, ks, min(p.n for p in problems), bootstrap, seed, floor),
+        **results_table(values, ks, min(p.n for p in problems), bootstrap, seed, floor),
         "meta": meta,
     }
 

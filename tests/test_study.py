@@ -385,7 +385,8 @@ def write_part(settings, name: str, counts: list[int], n: int = 16) -> None:
     with open(samples, "w") as handle:
         for i, c in enumerate(counts):
             handle.write(json.dumps({"id": str(i), "dataset": "synthetic", "question": "q", "answer": "a",
-                                     "completions": ["x"] * n, "correct": [j < c for j in range(n)]}) + "\n")
+                                     "completions": [f"<answer>{'a' if j < c else 'b'}</answer>" for j in range(n)],
+                                     "correct": [j < c for j in range(n)]}) + "\n")
     run_dir = fake_train(settings.train_config(part)) if part.trains else None
     marker = {"part": name, "fingerprint": settings.fingerprint(part), "settings": settings.part_settings(part),
               "train_s": 30.0 if part.trains else None, "train_steps": 2 if part.trains else None, "sample_s": 5.0,
@@ -424,6 +425,9 @@ def test_report_computes_pooled_passk_comparisons_verdict_and_readme(tmp_path, c
     readme = (tmp_path / "README.md").read_text()
     assert readme.startswith("# Study\n\nhand-written") and readme.rstrip().endswith("tail") and "\nold\n" not in readme
     assert "| psr (seeds 0, 1) | 60.0 [" in readme and "| psr - grpo |" in readme and "Test GPU" in readme
+    # every gold answer is "a": a psr problem draws the 23 (or 24) other all-"a" problems of 39, so p = 0.6
+    assert pooled["chance_floor"]["1"] == pytest.approx(0.6) and "| *psr chance floor* | 60.0 [" in readme
+    assert "| *psr-s0 chance floor* | 60.0 [" in readme
     assert "identical apart from `mode` and `seed`" in readme
     for figure in ("passk_curves", "improvement_over_base", "improvement_over_grpo", "training_curves",
                    "training_psr"):
@@ -469,6 +473,9 @@ def test_pooled_comparison_of_one_seed_each_equals_passk_compare_methods(tmp_pat
     pooled = report.pooled_results([a], "w", bootstrap=300, seed=4, seeds=[0])
     single = passk.passk_results(a, "w", bootstrap=300, seed=4)
     assert pooled["pass_at_k"] == pytest.approx(single["pass_at_k"]) and pooled["ci95"] == single["ci95"]
+    assert 0 < single["chance_floor"]["1"] < 1
+    assert pooled["chance_floor"] == pytest.approx(single["chance_floor"])
+    assert pooled["chance_floor_ci95"] == single["chance_floor_ci95"]
 
 
 def test_pooling_averages_each_problem_over_seeds(tmp_path):
@@ -476,8 +483,23 @@ def test_pooling_averages_each_problem_over_seeds(tmp_path):
     two = [passk.ProblemCounts("d", str(i), 4, c) for i, c in enumerate([4, 4])]
     pooled = report.pooled_results([one, two], "m", bootstrap=20, seed=0, seeds=[0, 1])
     assert pooled["pass_at_k"]["1"] == pytest.approx((0.5 + 1.0) / 2)
+    assert "chance_floor" not in pooled  # counts without answers have no floor
     with pytest.raises(ValueError, match="not sampled on the same problems"):
         report.pooled_results([one, one[:1]], "m", bootstrap=20, seed=0, seeds=[0, 1])
+
+
+def test_pooling_averages_each_problems_floor_over_seeds():
+    """Each seed's floor comes from its own answers: seed one's problem 0 draws problem 1's "2"s (p = 0) and
+    problem 1 the "1"s (p = 1); seed two's problems draw one "1" in two (p = 1/2)."""
+    def problems(answer_pairs):
+        return [passk.ProblemCounts("d", str(i), 2, pair.count("1"), gold="1", answers=pair)
+                for i, pair in enumerate(answer_pairs)]
+
+    pooled = report.pooled_results([problems([("1", "1"), ("2", "2")]), problems([("1", "2"), ("2", "1")])], "m",
+                                   bootstrap=20, seed=0, seeds=[0, 1])
+    assert pooled["chance_floor"] == pytest.approx({"1": ((0 + 0.5) / 2 + (1 + 0.5) / 2) / 2,
+                                                    "2": ((0 + 0.75) / 2 + (1 + 0.75) / 2) / 2})
+    assert [seed["types"] for seed in pooled["meta"]["chance_floor"]["per_seed"]] == [{"integer": 2}] * 2
 
 
 # ------------------------------------------------------------------------------------------ end to end
