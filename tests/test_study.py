@@ -21,6 +21,7 @@ import yaml
 SANDBOX = Path(__file__).resolve().parents[1] / "benchmarks" / "sandbox"
 sys.path.insert(0, str(SANDBOX))
 
+import compact_samples  # noqa: E402
 import report  # noqa: E402
 import study  # noqa: E402
 import study_pattern  # noqa: E402
@@ -142,10 +143,12 @@ def test_run_part_publishes_samples_logs_and_marker(small_study):
     part = small_study.part("psr-s0")
     marker = study.run_part(small_study, part, train=fake_train, sample=fake_sample)
     assert study_settings.part_status(small_study, part) == "done"
+    assert small_study.samples_path(part).name == "psr-s0.compact.jsonl.xz"
     with lzma.open(small_study.samples_path(part), "rt") as handle:
         records = [json.loads(line) for line in handle]
     assert [r["id"] for r in records] == ["p0", "p1", "p2"]
     assert records[0]["meta"]["checkpoint"].endswith("psr-s0/final")
+    assert all(r["answers"] == ["1"] * 4 and r["meta"]["completions_kept"] for r in records)  # 3 <= 8 kept
     run = small_study.run_path(part)
     assert sorted(p.name for p in run.iterdir()) == ["part.json", "train-config.yaml", "trainer_state.json"]
     assert marker["train_steps"] == 2 and marker["sample_problems"] == 3 and marker["n_samples"] == 4
@@ -161,20 +164,25 @@ def test_export_writes_one_tar_per_part_relative_to_the_study_folder(small_study
     with tarfile.open(path) as tar:
         names = sorted(tar.getnames())
     assert names == ["runs/grpo-s0", "runs/grpo-s0/part.json", "runs/grpo-s0/train-config.yaml",
-                     "runs/grpo-s0/trainer_state.json", "samples/grpo-s0.jsonl.xz"]
+                     "runs/grpo-s0/trainer_state.json", "samples/grpo-s0.compact.jsonl.xz"]
 
 
-def test_xz_samples_are_reproducible_and_read_by_passk(small_study, tmp_path):
+def test_published_samples_are_compact_reproducible_and_read_by_passk(small_study, monkeypatch):
+    monkeypatch.setattr(study, "COMPLETIONS_KEPT", 2)
     part = small_study.part("base")
     study.run_part(small_study, part, sample=fake_sample)
-    packed = small_study.samples_path(part)
+    packed, plain = small_study.samples_path(part), small_study.work_path(part) / "samples.jsonl"
     first = packed.read_bytes()
-    study._write_xz(small_study.work_path(part) / "samples.jsonl", packed)
+    study.publish(small_study, part, plain, None, study_settings.read_marker(small_study, part))
     assert packed.read_bytes() == first and first[:6] == b"\xfd7zXZ\x00"  # xz: same samples, same bytes
+    with lzma.open(packed, "rt") as handle:
+        records = [json.loads(line) for line in handle]
+    assert [("completions" in r, r["meta"]["completions_kept"]) for r in records] == [(True, True), (False, False),
+                                                                                      (True, True)]
     from_xz = passk.read_samples(packed)
-    from_plain = passk.read_samples(small_study.work_path(part) / "samples.jsonl")
-    assert [(p.id, p.n, p.c) for p in from_xz] == [(p.id, p.n, p.c) for p in from_plain] == \
-        [("p0", 4, 0), ("p1", 4, 1), ("p2", 4, 2)]
+    from_plain = passk.read_samples(plain)
+    assert [(p.id, p.n, p.c, p.answers) for p in from_xz] == [(p.id, p.n, p.c, p.answers) for p in from_plain]
+    assert [(p.id, p.n, p.c) for p in from_xz] == [("p0", 4, 0), ("p1", 4, 1), ("p2", 4, 2)]
 
 
 @pytest.mark.parametrize("damage", ["no marker", "no samples", "unreadable marker"])
@@ -500,6 +508,36 @@ def test_pooling_averages_each_problems_floor_over_seeds():
     assert pooled["chance_floor"] == pytest.approx({"1": ((0 + 0.5) / 2 + (1 + 0.5) / 2) / 2,
                                                     "2": ((0 + 0.75) / 2 + (1 + 0.75) / 2) / 2})
     assert [seed["types"] for seed in pooled["meta"]["chance_floor"]["per_seed"]] == [{"integer": 2}] * 2
+
+
+@pytest.mark.parametrize("tamper", [False, True])
+def test_compacting_full_samples_checks_every_number_before_deleting(tmp_path, capsys, tamper):
+    """Full samples files (as study.py published them before) become compact ones; they are deleted only when
+    the compact files give the same problems and every number of results/ again."""
+    settings = pattern_study(tmp_path, seeds=(0,))
+    assert report.main(["--settings", str(settings.path)]) == 0
+    fulls = []
+    for part in settings.parts():
+        full = compact_samples.full_samples_path(settings.samples_path(part))
+        with open(settings.work_path(part) / "samples.jsonl", "rb") as raw, lzma.open(full, "wb") as packed:
+            packed.write(raw.read())
+        settings.samples_path(part).unlink()
+        fulls.append(full)
+    if tamper:
+        path = tmp_path / "results" / "pooled-psr.json"
+        results = json.loads(path.read_text())
+        results["chance_floor_ci95"]["4"][0] -= 1e-9
+        path.write_text(json.dumps(results))
+    assert compact_samples.main(["--settings", str(settings.path), "--delete"]) == (1 if tamper else 0)
+    out, err = capsys.readouterr()
+    assert all(settings.samples_path(part).is_file() for part in settings.parts())
+    if tamper:
+        assert "pooled-psr.json: chance_floor_ci95.4[0]" in out and "nothing deleted" in err
+        assert all(full.is_file() for full in fulls)
+    else:
+        assert "numbers of results/ reproduced exactly" in out and not any(full.exists() for full in fulls)
+        assert compact_samples.main(["--settings", str(settings.path)]) == 0
+        assert "no full samples files to compact" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------ end to end

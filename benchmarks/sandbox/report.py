@@ -2,7 +2,7 @@
 
     python benchmarks/sandbox/report.py
 
-Reads samples/<part>.jsonl.xz and runs/<part>/ (trainer_state.json, part.json) of the parts that are done;
+Reads samples/<part>.compact.jsonl.xz and runs/<part>/ (trainer_state.json, part.json) of the parts that are done;
 writes results/ (Pass@k per part, pooled per mode, paired comparisons, the pattern verdict), figures/ and the
 generated section of README.md. Parts not done are listed as missing; nothing fails for their absence.
 """
@@ -149,19 +149,29 @@ def write_json(data, path: Path) -> None:
     tmp.replace(path)
 
 
+def results_files(study: dict) -> dict[str, dict]:
+    """{file name in results/: its content}: Pass@k per part and per mode (seeds pooled), and summary.json."""
+    files = {f"{label}.json": results for label, results in
+             {**study["per_part"], **{f"pooled-{k}": v for k, v in study["pooled"].items()}}.items()}
+    files["summary.json"] = {
+        "verdict": study["verdict"],
+        "claims": [{"statement": c.statement, "holds": c.holds, "evidence": c.evidence} for c in study["claims"]],
+        "versus": study["versus"], "per_seed_vs_grpo": study["per_seed_vs_grpo"],
+        "missing_parts": [p.name for p in study["parts"] if study["status"][p.name] != "done"],
+        "gpu_time": gpu_time_rows(study)}
+    return files
+
+
 def write_results(study: dict) -> list[Path]:
     root = study["settings"].root / "results"
     written = []
-    for label, results in {**study["per_part"], **{f"pooled-{k}": v for k, v in study["pooled"].items()}}.items():
-        written.append(passk.write_results(results, root / f"{label}.json"))
-    summary = {"verdict": study["verdict"],
-               "claims": [{"statement": c.statement, "holds": c.holds, "evidence": c.evidence}
-                          for c in study["claims"]],
-               "versus": study["versus"], "per_seed_vs_grpo": study["per_seed_vs_grpo"],
-               "missing_parts": [p.name for p in study["parts"] if study["status"][p.name] != "done"],
-               "gpu_time": gpu_time_rows(study)}
-    write_json(summary, root / "summary.json")
-    return written + [root / "summary.json"]
+    for name, content in results_files(study).items():
+        if name == "summary.json":
+            write_json(content, root / name)
+            written.append(root / name)
+        else:
+            written.append(passk.write_results(content, root / name))
+    return written
 
 
 def seed_mean_frame(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
