@@ -423,8 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if changed:
             details = "; ".join(f"{p.name} ({', '.join(changed_keys(settings, p)) or 'fingerprint'})" for p in changed)
             raise SettingsError(f"{settings.path}: done part(s) were made with other settings: {details}. Keep them "
-                                f"(restore the settings) or delete their samples/<part>.compact.jsonl.xz and runs/<part>/ "
-                                f"to redo them")
+                                f"(restore the settings) or delete their samples/<part>.compact.jsonl.xz and "
+                                f"runs/<part>/ to redo them")
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
