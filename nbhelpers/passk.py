@@ -413,11 +413,10 @@ def _gold_key(problem: ProblemCounts) -> tuple:
     return (problem.gold, problem.exact_match, problem.threshold)
 
 
-def _answer_scores(answers: Iterable[str | None], problem: ProblemCounts) -> int:
-    """How many of ``answers`` are correct for ``problem``: the correctness bit of sampling
-    (`rewards.is_correct`: accuracy 1 or 0, at least the threshold) for an extracted answer."""
-    return sum(float(answer_correct(answer, problem.gold, problem.exact_match)) >= problem.threshold
-               for answer in answers)
+def _is_right(answer: str | None, problem: ProblemCounts) -> bool:
+    """Whether an extracted answer is correct for ``problem`` by the correctness bit of sampling
+    (`rewards.is_correct`: its accuracy, 1 or 0, is at least the threshold)."""
+    return float(answer_correct(answer, problem.gold, problem.exact_match)) >= problem.threshold
 
 
 def chance_rates(problems: Sequence[ProblemCounts]) -> tuple[np.ndarray, dict]:
@@ -447,8 +446,8 @@ def chance_rates(problems: Sequence[ProblemCounts]) -> tuple[np.ndarray, dict]:
             problem = problems[row]
             key = _gold_key(problem)
             if key not in pooled_hits:
-                pooled_hits[key] = sum(count for answer, count in pooled.items() if _answer_scores([answer], problem))
-            own_hits = sum(count for answer, count in counts.items() if _answer_scores([answer], problem))
+                pooled_hits[key] = sum(count for answer, count in pooled.items() if _is_right(answer, problem))
+            own_hits = sum(count for answer, count in counts.items() if _is_right(answer, problem))
             agreeing += int(own_hits == problem.c)
             if pool_size == problem.n:
                 without_donors += 1
@@ -538,7 +537,7 @@ def passk_results(problems: Sequence[ProblemCounts], method: str, *, bootstrap: 
         rows_by_dataset[problem.dataset].append(row)
     per_dataset = {
         name: results_table(values[rows], ks, min(problems[r].n for r in rows), bootstrap, seed,
-                     None if floor is None else floor[rows])
+                            None if floor is None else floor[rows])
         for name, rows in sorted(rows_by_dataset.items())}
     meta = {
         "per_dataset": per_dataset,
