@@ -51,11 +51,16 @@ def load_methods(samples_files: Sequence[str] | None = None, results_files: Sequ
 
 
 def passk_frame(methods: Methods):
-    """Pass@k in percent, one row per method and one column per k (pandas DataFrame)."""
+    """Pass@k in percent, one row per method and one column per k (pandas DataFrame), each method's
+    chance floor (where its results have one) in a row ``<label> chance floor`` below it."""
     import pandas as pd
 
-    frame = pd.DataFrame({label: {int(k): 100 * v for k, v in r["pass_at_k"].items()}
-                          for label, r in zip(methods.labels, methods.results)}).T
+    rows = {}
+    for label, results in zip(methods.labels, methods.results):
+        rows[label] = {int(k): 100 * v for k, v in results["pass_at_k"].items()}
+        if "chance_floor" in results:
+            rows[f"{label} chance floor"] = {int(k): 100 * v for k, v in results["chance_floor"].items()}
+    frame = pd.DataFrame(rows).T
     frame = frame[sorted(frame.columns)]
     frame.columns = [f"pass@{k}" for k in frame.columns]
     return frame.round(2)
@@ -100,15 +105,26 @@ def paired_comparisons(methods: Methods, baseline: str, *, bootstrap: int = 1000
     return "\n\n".join(blocks) or f"only the baseline {baseline!r}: nothing to compare"
 
 
-def plot_improvement(methods: Methods, baseline: str, save_to: str | os.PathLike | None = None):
-    """Each method's Pass@k minus the baseline's (plots.plot_improvement); None, with a note, when the
-    baseline is the only method."""
+def plot_improvement(methods: Methods, baseline: str, save_to: str | os.PathLike | None = None, *,
+                     bootstrap: int = 1000, seed: int = 0):
+    """Each method's Pass@k minus the baseline's (plots.plot_improvement) with the paired 95% bands of
+    `passk.compare_methods` shaded (from samples files; results files give bare lines, said in a note);
+    None, with a note, when the baseline is the only method."""
+    from . import passk
     from .plots import plot_improvement as plot
 
     if len(methods.labels) < 2:
         print(f"only {baseline!r}: no other method to compare")
         return None
-    return plot(methods.results, methods.labels, baseline=baseline, save_to=save_to)
+    comparisons = None
+    if methods.problems:
+        comparisons = {label: passk.compare_methods(methods.problems[label], methods.problems[baseline],
+                                                    method_a=label, method_b=baseline, bootstrap=bootstrap,
+                                                    seed=seed)
+                       for label in methods.labels if label != baseline}
+    else:
+        print("no paired bands: they need samples files (results files hold no per-problem counts)")
+    return plot(methods.results, methods.labels, baseline=baseline, comparisons=comparisons, save_to=save_to)
 
 
 def figure_path(folder: str | os.PathLike | None, name: str) -> Path | None:

@@ -1,10 +1,27 @@
-"""Pass@k from samples files: the unbiased estimator, tables with bootstrap intervals, paired
-comparisons of two methods, and results files.
+"""Pass@k from samples files: the unbiased estimator, the chance floor, tables with bootstrap intervals,
+paired comparisons of two methods, compact samples files, and results files.
 
-Samples file (JSON Lines, one problem a line):
-  {"id", "dataset", "question", "answer", "completions": [str], "correct": [bool], "meta": {...}}
+Samples file (JSON Lines, one problem a line; ``.jsonl``, ``.jsonl.gz`` or ``.jsonl.xz``):
+  {"id", "dataset", "question", "answer", "completions": [str], "correct": [bool],
+   "answers": [str | null], "meta": {"exact_match": bool, "reward_threshold": float, ...}}
+``answers`` holds each completion's extracted answer (null: no closed <answer> block); without it the answers
+are extracted from the completions. ``meta.exact_match`` (default false) and ``meta.reward_threshold``
+(default 0.5) are how the sample's ``correct`` bit was decided (``rewards.is_correct``). A compact samples
+file (`write_compact_samples`) keeps ``correct`` and ``answers`` of every problem but ``completions`` only
+where ``meta.completions_kept`` is true.
 Results file (JSON): {"method", "dataset", "n_problems", "n_samples", "pass_at_k": {"1": float, ...},
-  "ci95": {"1": [lo, hi], ...}, "meta": {...}}, values as fractions in [0, 1].
+  "ci95": {"1": [lo, hi], ...}, "chance_floor": {"1": float, ...}, "chance_floor_ci95": {"1": [lo, hi], ...},
+  "meta": {...}}, values as fractions in [0, 1]; the chance-floor keys are optional.
+
+The chance floor is the Pass@k of a guesser that never sees the chart: for each problem it draws k of the
+method's own completions to OTHER problems of the same dataset whose gold answer has the same `answer_type`
+(yes/no, year, integer, decimal, text), with replacement, and scores their extracted answers against this
+problem's gold answer with the correctness used for the method's own samples (`rewards.answer_correct`,
+exact or relaxed, and the threshold). With p the fraction of those drawn completions that are correct
+(`chance_rates`), the floor at k is the mean over problems of 1 - (1 - p)^k, with a bootstrap interval over
+problems (`chance_floor_values`). A Pass@k near its floor says the method's answers carry little information
+about the chart: a year within 5% of the gold year is correct under relaxed accuracy, and at large k even
+guessing covers many questions.
 """
 
 from __future__ import annotations
@@ -15,19 +32,25 @@ import json
 import lzma
 import numbers
 import os
+import re
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .completion_parsing import extract_answer
 from .errors import InputError
+from .rewards import answer_correct, answer_number, normalised_answer
 
-SAMPLES_FIELDS = ("id", "dataset", "question", "answer", "completions", "correct")
+SAMPLES_FIELDS = ("id", "dataset", "question", "answer", "correct")  # and completions or answers (or both)
 CI_LEVEL = 0.95
+DEFAULT_REWARD_THRESHOLD = 0.5  # RunConfig's reward_threshold, for samples files that do not record theirs
+ANSWER_TYPES = ("yes/no", "year", "integer", "decimal", "text")
+YEAR_RANGE = (1800, 2100)  # inclusive: a four-digit integer answer in it is a year
 _MAX_LISTED = 10  # problems named in one error message
 
 
@@ -95,17 +118,27 @@ def k_values(n: int) -> list[int]:
 
 @dataclass(frozen=True)
 class ProblemCounts:
-    """One problem's outcome: n samples drawn, c of them correct; source is "file:line"."""
+    """One problem's outcome: n samples drawn, c of them correct; source is "file:line". From a samples
+    file also: the gold answer (a list of several as a tuple), each sample's extracted answer (None: no
+    answer block) and how correctness was decided (exact_match, threshold), which the chance floor needs."""
 
     dataset: str
     id: str
     n: int
     c: int
     source: str = ""
+    gold: Any = None
+    answers: tuple[str | None, ...] = ()
+    exact_match: bool = False
+    threshold: float = DEFAULT_REWARD_THRESHOLD
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.dataset, self.id)
+
+
+def _is_gold(value) -> bool:
+    return value is None or isinstance(value, (str, numbers.Real))
 
 
 def _problem_from_record(record, where: str) -> ProblemCounts:
@@ -119,23 +152,45 @@ def _problem_from_record(record, where: str) -> ProblemCounts:
         raise InputError(f"{where}: field 'id' must be a string or an integer, got {problem_id!r}")
     if not isinstance(dataset, str) or not dataset:
         raise InputError(f"{where}: field 'dataset' must be a non-empty string, got {dataset!r}")
-    completions, correct = record["completions"], record["correct"]
-    if not isinstance(completions, list) or not all(isinstance(x, str) for x in completions):
+    if "completions" not in record and "answers" not in record:
+        raise InputError(f"{where}: missing field(s) completions (or answers, in a compact samples file)")
+    correct = record["correct"]
+    completions, answers = record.get("completions"), record.get("answers")
+    if completions is not None and (not isinstance(completions, list)
+                                    or not all(isinstance(x, str) for x in completions)):
         raise InputError(f"{where}: field 'completions' must be a list of strings")
+    if answers is not None and (not isinstance(answers, list)
+                                or not all(x is None or isinstance(x, str) for x in answers)):
+        raise InputError(f"{where}: field 'answers' must be a list of strings or nulls")
     if not isinstance(correct, list):
         raise InputError(f"{where}: field 'correct' must be a list of booleans")
     not_bool = [i for i, x in enumerate(correct) if not isinstance(x, bool)]
     if not_bool:
         raise InputError(f"{where}: field 'correct' must hold booleans; item {not_bool[0]} is "
                          f"{correct[not_bool[0]]!r}")
-    if len(correct) != len(completions):
-        raise InputError(f"{where}: len(correct)={len(correct)} differs from "
-                         f"len(completions)={len(completions)}")
+    for name, values in (("completions", completions), ("answers", answers)):
+        if values is not None and len(correct) != len(values):
+            raise InputError(f"{where}: len(correct)={len(correct)} differs from len({name})={len(values)}")
     if not correct:
         raise InputError(f"{where}: problem {problem_id!r} has no samples")
-    if "meta" in record and not isinstance(record["meta"], dict):
+    meta = record.get("meta", {})
+    if not isinstance(meta, dict):
         raise InputError(f"{where}: field 'meta' must be an object")
-    return ProblemCounts(dataset, str(problem_id), len(correct), sum(correct), where)
+    exact_match = meta.get("exact_match", False)
+    if not isinstance(exact_match, bool):
+        raise InputError(f"{where}: field 'meta.exact_match' must be true or false, got {exact_match!r}")
+    threshold = meta.get("reward_threshold", DEFAULT_REWARD_THRESHOLD)
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise InputError(f"{where}: field 'meta.reward_threshold' must be a number, got {threshold!r}")
+    gold = record["answer"]
+    if not _is_gold(gold) and not (isinstance(gold, list) and all(map(_is_gold, gold))):
+        raise InputError(f"{where}: field 'answer' must be a string, a number, null or a list of those, "
+                         f"got {gold!r:.80}")
+    if answers is None:
+        answers = [extract_answer(text) for text in completions]
+    return ProblemCounts(dataset, str(problem_id), len(correct), sum(correct), where,
+                         tuple(gold) if isinstance(gold, list) else gold, tuple(answers), exact_match,
+                         float(threshold))
 
 
 def samples_lines(path: str | os.PathLike) -> Iterator[tuple[str, str]]:
@@ -197,6 +252,66 @@ def check_resumable_samples(path: str | os.PathLike) -> None:
             raise InputError(f"{where}: not valid JSON: {error.msg} at column {error.colno}; this samples "
                              f"file cannot be resumed (fix the line or choose another file)") from None
         _problem_from_record(record, where)
+
+
+def _open_for_writing(path: Path, handle):
+    """A binary writer to ``handle`` compressing by the name's ending (.gz, .xz, else plain), reproducibly."""
+    if path.name.endswith(".gz"):
+        return gzip.GzipFile(filename="", mode="wb", fileobj=handle, mtime=0)
+    if path.name.endswith(".xz"):
+        return lzma.LZMAFile(handle, "wb", preset=9)
+    return handle
+
+
+def compact_keep_rows(n_problems: int, keep: int) -> list[int]:
+    """The rows (file order) whose completion texts a compact file keeps: ``keep`` of them spread evenly
+    from the first to the last (all when keep >= n_problems, none when keep is 0)."""
+    _check_integer("keep", keep)
+    if keep >= n_problems:
+        return list(range(n_problems))
+    if keep <= 1:
+        return [0] * keep
+    return [i * (n_problems - 1) // (keep - 1) for i in range(keep)]  # steps of at least 1: distinct
+
+
+def write_compact_samples(path: str | os.PathLike, samples: str | os.PathLike | Sequence[str | os.PathLike], *,
+                          keep: int = 8) -> Path:
+    """Write a compact copy of samples file(s) to ``path`` (compressed by its ending: .jsonl.xz, .jsonl.gz or
+    .jsonl) and return it. Every problem keeps its fields, ``correct`` and ``answers`` (extracted from the
+    completions where the file has none), so Pass@k and the chance floor come out the same; the completion
+    texts are kept for ``keep`` problems spread over the file (`compact_keep_rows`), with
+    ``meta.completions_kept`` true there and false elsewhere. Written atomically (temp file, then rename);
+    the same input gives the same bytes. InputError names the file and line of a bad record."""
+    path = Path(path)
+    paths = [samples] if isinstance(samples, (str, os.PathLike)) else list(samples)
+    records = []
+    for source in paths:
+        for where, line in samples_lines(source):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{where}: not valid JSON: {error.msg} at column {error.colno}") from None
+            problem = _problem_from_record(record, where)
+            records.append({**record, "answers": list(problem.answers)})
+    if not records:
+        raise InputError(f"{', '.join(map(str, paths))}: the samples file holds no problems")
+    kept = set(compact_keep_rows(len(records), keep))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+                                         delete=False)
+    try:
+        with handle, _open_for_writing(path, handle) as out:
+            for row, record in enumerate(records):
+                compact = {key: value for key, value in record.items() if key != "completions" or row in kept}
+                if "completions" not in record:  # already compact: only a row that has its texts keeps them
+                    kept.discard(row)
+                compact["meta"] = {**record.get("meta", {}), "completions_kept": row in kept}
+                out.write((json.dumps(compact, ensure_ascii=False) + "\n").encode("utf-8"))
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _check_problem_set(problems: Sequence[ProblemCounts], allow_mixed_n: bool) -> tuple[list[int], dict]:
@@ -268,35 +383,168 @@ def bootstrap_mean_ci(values: np.ndarray, *, bootstrap: int = 1000, seed: int = 
     return np.minimum(low, estimate), np.maximum(high, estimate)
 
 
-def _table(values: np.ndarray, ks: Sequence[int], n_samples: int, bootstrap: int, seed: int) -> dict:
+# ---------------------------------------------------------------------------------------------
+# The chance floor
+
+
+def answer_type(gold) -> str:
+    """The type of a gold answer, one of ANSWER_TYPES: "yes/no"; "year" (four digits in YEAR_RANGE);
+    "integer" (digits, optionally signed or grouped by thousands: "1,234"); "decimal" (any other number
+    `rewards.answer_number` reads: "2.5", "40%", "1e3"); "text" (anything else). Compared as
+    `rewards.normalised_answer` gives it; a list of several gold answers has its first one's type."""
+    if isinstance(gold, (list, tuple)):
+        return answer_type(gold[0]) if gold else "text"
+    text = normalised_answer(gold)
+    if text in ("yes", "no"):
+        return "yes/no"
+    if answer_number(text) is None:
+        return "text"
+    if not _INTEGER_TEXT.fullmatch(text):
+        return "decimal"
+    if len(text) == 4 and YEAR_RANGE[0] <= int(text) <= YEAR_RANGE[1]:
+        return "year"
+    return "integer"
+
+
+_INTEGER_TEXT = re.compile(r"[+-]?(?:\d+|\d{1,3}(?:,\d{3})+)")
+
+
+def _gold_key(problem: ProblemCounts) -> tuple:
+    return (problem.gold, problem.exact_match, problem.threshold)
+
+
+def _is_right(answer: str | None, problem: ProblemCounts) -> bool:
+    """Whether an extracted answer is correct for ``problem`` by the correctness bit of sampling
+    (`rewards.is_correct`: its accuracy, 1 or 0, is at least the threshold)."""
+    return float(answer_correct(answer, problem.gold, problem.exact_match)) >= problem.threshold
+
+
+def chance_rates(problems: Sequence[ProblemCounts]) -> tuple[np.ndarray, dict]:
+    """Per problem (in order), the fraction p in [0, 1] of the completions to the OTHER problems of its
+    dataset and `answer_type` whose extracted answers are correct for this problem's gold answer: a
+    chart-blind guesser's chance of being right with one draw. A completion without an answer counts as
+    wrong; a problem with no other problem of its type gets p = 0. Also a dict for the results' metadata:
+    problems per type, problems without donors, and own_agreement, the fraction of problems whose correct
+    count the same scoring reproduces from their own answers (1.0 when the file is consistent).
+    ValueError when a problem has no extracted answers (a hand-made ProblemCounts)."""
+    for problem in problems:
+        if len(problem.answers) != problem.n:
+            raise ValueError(f"{problem.source or problem.key}: problem {problem.dataset}/{problem.id} has "
+                             f"{len(problem.answers)} extracted answers for n = {problem.n} samples; the chance "
+                             f"floor needs each sample's answer (read the problems from a samples file)")
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for row, problem in enumerate(problems):
+        groups[(problem.dataset, answer_type(problem.gold))].append(row)
+    rates = np.zeros(len(problems))
+    without_donors, agreeing = 0, 0
+    for rows in groups.values():
+        own = [Counter(problems[row].answers) for row in rows]
+        pooled = sum(own, Counter())
+        pool_size = sum(problems[row].n for row in rows)
+        pooled_hits: dict[tuple, int] = {}
+        for row, counts in zip(rows, own):
+            problem = problems[row]
+            key = _gold_key(problem)
+            if key not in pooled_hits:
+                pooled_hits[key] = sum(count for answer, count in pooled.items() if _is_right(answer, problem))
+            own_hits = sum(count for answer, count in counts.items() if _is_right(answer, problem))
+            agreeing += int(own_hits == problem.c)
+            if pool_size == problem.n:
+                without_donors += 1
+                continue
+            rates[row] = (pooled_hits[key] - own_hits) / (pool_size - problem.n)
+    types = Counter(answer_type(problem.gold) for problem in problems)
+    meta = {"types": {name: types[name] for name in ANSWER_TYPES if types[name]},
+            "without_donors": without_donors,
+            "own_agreement": agreeing / len(problems) if problems else 1.0}
+    return rates, meta
+
+
+def chance_floor_matrix(rates, ks: Sequence[int]) -> np.ndarray:
+    """Matrix (problems x ks) of 1 - (1 - p)^k: the chance of at least one correct answer in k draws with
+    replacement, for each problem's rate p in [0, 1]."""
+    rates = np.asarray(rates, dtype=np.float64)
+    if rates.size and (rates.min() < 0 or rates.max() > 1):
+        raise ValueError(f"rates must lie in [0, 1], got {rates.min()} .. {rates.max()}")
+    for k in ks:
+        _check_integer("k", k)
+    return 1.0 - (1.0 - rates[:, None]) ** np.asarray(ks, dtype=np.float64)[None, :]
+
+
+def chance_floor_values(rates, ks: Sequence[int], *, bootstrap: int = 1000,
+                        seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The chance floor at each k: (mean over problems of 1 - (1 - p)^k, interval low, interval high),
+    fractions in [0, 1]; the 95% interval is `bootstrap_mean_ci` over problems (seeded)."""
+    values = chance_floor_matrix(rates, ks)
+    low, high = bootstrap_mean_ci(values, bootstrap=bootstrap, seed=seed)
+    return values.mean(axis=0), low, high
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+def results_table(values: np.ndarray, ks: Sequence[int], n_samples: int, bootstrap: int, seed: int,
+                  floor: np.ndarray | None = None) -> dict:
+    """The table keys of a results file (n_problems, n_samples, pass_at_k, ci95) from per-problem Pass@k
+    ``values`` (problems x ks), plus chance_floor and chance_floor_ci95 from the per-problem matrix ``floor``
+    (chance_floor_matrix) when given; intervals by `bootstrap_mean_ci` with ``seed``."""
     low, high = bootstrap_mean_ci(values, bootstrap=bootstrap, seed=seed)
     estimate = values.mean(axis=0)
-    return {
+    table = {
         "n_problems": int(values.shape[0]),
         "n_samples": int(n_samples),
         "pass_at_k": {str(k): float(v) for k, v in zip(ks, estimate)},
         "ci95": {str(k): [float(lo), float(hi)] for k, lo, hi in zip(ks, low, high)},
     }
+    if floor is not None:
+        floor_low, floor_high = bootstrap_mean_ci(floor, bootstrap=bootstrap, seed=seed)
+        table["chance_floor"] = {str(k): float(v) for k, v in zip(ks, floor.mean(axis=0))}
+        table["chance_floor_ci95"] = {str(k): [float(lo), float(hi)]
+                                      for k, lo, hi in zip(ks, floor_low, floor_high)}
+    return table
+
+
+CHANCE_FLOOR_METHOD = ("mean over problems of 1 - (1 - p)^k; p: the fraction of the completions to other "
+                       "problems of the same dataset and answer type whose extracted answers are correct for "
+                       "this problem's gold answer (the samples' own correctness rule)")
+
+
+def chance_floor_meta(problems: Sequence[ProblemCounts], bootstrap: int, seed: int) -> tuple[np.ndarray, dict]:
+    """(rates, the results' meta.chance_floor) of a problem set: `chance_rates` and how they were made."""
+    rates, details = chance_rates(problems)
+    return rates, {"method": CHANCE_FLOOR_METHOD, **details,
+                   "bootstrap": {"resamples": bootstrap, "seed": seed, "level": CI_LEVEL}}
 
 
 def passk_results(problems: Sequence[ProblemCounts], method: str, *, bootstrap: int = 1000,
                   seed: int = 0, allow_mixed_n: bool = False,
                   source_samples: Iterable[str | os.PathLike] = ()) -> dict:
     """Results dict (the results-file format) for one method: Pass@k with 95% bootstrap
-    intervals overall and per dataset (meta.per_dataset). n_samples is the smallest n."""
+    intervals overall and per dataset (meta.per_dataset), and the chance floor beside it (when every
+    problem has its extracted answers, as problems read from samples files do; else meta.chance_floor
+    says why not). n_samples is the smallest n."""
     ks, mixed_n = _check_problem_set(problems, allow_mixed_n)
     values = per_problem_pass_at_k(problems, ks)
+    floor = None
+    if all(len(problem.answers) == problem.n for problem in problems):
+        rates, floor_meta = chance_floor_meta(problems, bootstrap, seed)
+        floor = chance_floor_matrix(rates, ks)
+    else:
+        floor_meta = {"not_computed": "problems without extracted answers"}
     rows_by_dataset: dict[str, list[int]] = defaultdict(list)
     for row, problem in enumerate(problems):
         rows_by_dataset[problem.dataset].append(row)
     per_dataset = {
-        name: _table(values[rows], ks, min(problems[r].n for r in rows), bootstrap, seed)
+        name: results_table(values[rows], ks, min(problems[r].n for r in rows), bootstrap, seed,
+                            None if floor is None else floor[rows])
         for name, rows in sorted(rows_by_dataset.items())}
     meta = {
         "per_dataset": per_dataset,
         "source_samples": [str(path) for path in source_samples],
         "bootstrap": {"resamples": bootstrap, "seed": seed, "level": CI_LEVEL},
         "k_values": ks,
+        "chance_floor": floor_meta,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if mixed_n:
@@ -304,7 +552,7 @@ def passk_results(problems: Sequence[ProblemCounts], method: str, *, bootstrap: 
     return {
         "method": method,
         "dataset": next(iter(per_dataset)) if len(per_dataset) == 1 else "all",
-        **_table(values, ks, min(p.n for p in problems), bootstrap, seed),
+        **results_table(values, ks, min(p.n for p in problems), bootstrap, seed, floor),
         "meta": meta,
     }
 
@@ -359,23 +607,32 @@ def _validate_table(table, source, prefix: str) -> None:
         value = table.get(name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             _fail(source, prefix + name, f"expected a positive integer, got {value!r}")
-    passk, ci = table.get("pass_at_k"), table.get("ci95")
-    if not isinstance(passk, dict) or not passk:
-        _fail(source, prefix + "pass_at_k", "expected a non-empty object {k: fraction}")
+    _validate_values(table, source, prefix, "pass_at_k", "ci95")
+    if "chance_floor" in table or "chance_floor_ci95" in table:
+        _validate_values(table, source, prefix, "chance_floor", "chance_floor_ci95")
+        if set(table["chance_floor"]) != set(table["pass_at_k"]):
+            _fail(source, f"{prefix}chance_floor", "must have the same k as pass_at_k")
+
+
+def _validate_values(table: Mapping, source, prefix: str, values_key: str, ci_key: str) -> None:
+    """``table[values_key]`` is {k: fraction} and ``table[ci_key]`` {k: [lo, hi]} with the same k."""
+    values, ci = table.get(values_key), table.get(ci_key)
+    if not isinstance(values, dict) or not values:
+        _fail(source, prefix + values_key, "expected a non-empty object {k: fraction}")
     if not isinstance(ci, dict):
-        _fail(source, prefix + "ci95", "expected an object {k: [lo, hi]}")
-    for k, value in passk.items():
+        _fail(source, prefix + ci_key, "expected an object {k: [lo, hi]}")
+    for k, value in values.items():
         if not (isinstance(k, str) and k.isdigit() and int(k) >= 1):
-            _fail(source, f"{prefix}pass_at_k.{k}", "k must be a positive integer")
+            _fail(source, f"{prefix}{values_key}.{k}", "k must be a positive integer")
         if not _is_number(value) or not 0.0 <= value <= 1.0:
-            _fail(source, f"{prefix}pass_at_k.{k}", f"expected a fraction in [0, 1], got {value!r}")
+            _fail(source, f"{prefix}{values_key}.{k}", f"expected a fraction in [0, 1], got {value!r}")
         interval = ci.get(k)
         if (not isinstance(interval, list) or len(interval) != 2 or not all(map(_is_number, interval))
                 or not 0.0 <= interval[0] <= interval[1] <= 1.0):
-            _fail(source, f"{prefix}ci95.{k}", f"expected [lo, hi] with 0 <= lo <= hi <= 1, got {interval!r}")
-    extra = sorted(set(ci) - set(passk))
+            _fail(source, f"{prefix}{ci_key}.{k}", f"expected [lo, hi] with 0 <= lo <= hi <= 1, got {interval!r}")
+    extra = sorted(set(ci) - set(values))
     if extra:
-        _fail(source, f"{prefix}ci95.{extra[0]}", "has no matching pass_at_k entry")
+        _fail(source, f"{prefix}{ci_key}.{extra[0]}", f"has no matching {values_key} entry")
 
 
 def validate_results(results, source="results") -> None:
@@ -433,13 +690,19 @@ def load_results(path: str | os.PathLike) -> dict:
 
 
 def format_table(results: Mapping) -> str:
-    """Plain-text Pass@k table (percent, with 95% intervals), overall then per dataset."""
+    """Plain-text Pass@k table (percent, with 95% intervals), overall then per dataset; the chance floor
+    (with its interval) in two more columns where the results have it."""
     def block(title: str, table: Mapping) -> list[str]:
+        floor = table.get("chance_floor")
         lines = [f"{title}: {table['n_problems']} problems, n = {table['n_samples']}",
-                 f"{'k':>7}  {'pass@k':>8}  95% interval"]
+                 f"{'k':>7}  {'pass@k':>8}  {'95% interval':<18}" + ("  chance floor  95% interval" if floor else "")]
         for k, value in table["pass_at_k"].items():
             low, high = table["ci95"][k]
-            lines.append(f"{k:>7}  {value:>8.2%}  [{low:.2%}, {high:.2%}]")
+            line = f"{k:>7}  {value:>8.2%}  {f'[{low:.2%}, {high:.2%}]':<18}"
+            if floor:
+                floor_low, floor_high = table["chance_floor_ci95"][k]
+                line += f"  {floor[k]:>12.2%}  [{floor_low:.2%}, {floor_high:.2%}]"
+            lines.append(line.rstrip())
         return lines
 
     lines = block(f"{results['method']} ({results['dataset']})", results)

@@ -3,7 +3,9 @@
 Every function builds a `matplotlib.figure.Figure` directly (no pyplot, so no GUI backend and no
 global figure list: safe headless, rendered with Agg on save) and returns it; `save_to` writes
 a PNG or SVG chosen by the file extension. Pass@k values are fractions in [0, 1] shown on a
-percent axis; k is on a log2 axis.
+percent axis; k is on a log2 axis. A mode has one colour in every figure (MODE_COLOURS, found in labels
+such as "psr", "PSR", "psr-s1" or "psr (seeds 0, 1)"); several labels of one mode (seeds) differ by line
+style. A method's chance floor (passk: a chart-blind guesser's Pass@k) is a dashed line of its colour.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, PercentFormatter
 
 from .collapse import detect_collapse
@@ -27,6 +31,46 @@ SAVE_FORMATS = (".png", ".svg")
 CI_ALPHA = 0.2
 PLOT_KINDS = ("curves", "grid", "improvement", "bars")
 TOTAL_REWARD_COLUMNS = ("reward", "mode/total_reward")  # TRL's, then the trainer's; same quantity
+
+MODE_COLOURS = {"base": "black", "grpo": "tab:blue", "psr": "tab:orange", "nsr": "tab:green",
+                "w-reinforce": "tab:purple", "passk": "tab:brown"}
+"""The colour of each mode (and of the base model) in every figure. Red is left to the collapse marks."""
+OTHER_COLOURS = ("tab:cyan", "tab:olive", "tab:pink", "tab:gray", "gold", "navy", "lime", "teal")
+"""Colours of labels that name no mode, in order of appearance (then again from the start)."""
+SEED_STYLES = ("-", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
+"""Line styles of the labels of one mode in order of appearance (seeds); dashed ("--") is the floor's."""
+FLOOR_STYLE = "--"
+_MODE_LABEL = re.compile(rf"({'|'.join(map(re.escape, MODE_COLOURS))})(?:$|[\s_(]|-s\d)")
+
+
+def label_mode(label: str) -> str | None:
+    """The mode a label names (a key of MODE_COLOURS), case-insensitively: the label is the mode, or the
+    mode followed by a space, "_", "(" or a seed suffix "-s<digit>"; else None."""
+    match = _MODE_LABEL.match(label.lower())
+    return match.group(1) if match else None
+
+
+def label_colours(labels: Sequence[str]) -> dict[str, str]:
+    """{label: colour}: MODE_COLOURS for a label naming a mode, else the next of OTHER_COLOURS."""
+    colours, others = {}, 0
+    for label in labels:
+        mode = label_mode(label)
+        if mode is None:
+            colours[label] = OTHER_COLOURS[others % len(OTHER_COLOURS)]
+            others += 1
+        else:
+            colours[label] = MODE_COLOURS[mode]
+    return colours
+
+
+def label_styles(labels: Sequence[str]) -> dict[str, object]:
+    """{label: line style}: the labels sharing a colour (seeds of one mode) take SEED_STYLES in turn."""
+    colours, seen, styles = label_colours(labels), {}, {}
+    for label in labels:
+        index = seen.get(colours[label], 0)
+        seen[colours[label]] = index + 1
+        styles[label] = SEED_STYLES[index % len(SEED_STYLES)]
+    return styles
 
 
 def save_figure(figure: Figure, path: str | os.PathLike) -> Path:
@@ -59,21 +103,35 @@ def labelled_results(results: Sequence[ResultsLike], labels: Sequence[str] | Non
     return dict(zip(labels, loaded))
 
 
+def passk_table_source(results: Mapping, label: str, dataset: str) -> Mapping:
+    """The table of one dataset in meta.per_dataset; ValueError naming the label when it has none."""
+    per_dataset = results.get("meta", {}).get("per_dataset", {})
+    if dataset not in per_dataset:
+        raise ValueError(f"{label}: no dataset {dataset!r} in meta.per_dataset (has {sorted(per_dataset)})")
+    return per_dataset[dataset]
+
+
 def passk_table(results: Mapping, label: str, dataset: str | None = None):
     """(ks, values, lows, highs) arrays of one results dict, overall (dataset None) or for one
     dataset of meta.per_dataset; values are fractions."""
-    if dataset is None:
-        table = results
-    else:
-        per_dataset = results.get("meta", {}).get("per_dataset", {})
-        if dataset not in per_dataset:
-            raise ValueError(f"{label}: no dataset {dataset!r} in meta.per_dataset "
-                             f"(has {sorted(per_dataset)})")
-        table = per_dataset[dataset]
+    table = results if dataset is None else passk_table_source(results, label, dataset)
     ks = np.array([int(k) for k in table["pass_at_k"]])
     order = np.argsort(ks)
     values = np.array(list(table["pass_at_k"].values()), dtype=float)
     intervals = np.array([table["ci95"][k] for k in table["pass_at_k"]], dtype=float).reshape(-1, 2)
+    return ks[order], values[order], intervals[order, 0], intervals[order, 1]
+
+
+def floor_table(results: Mapping, label: str, dataset: str | None = None):
+    """(ks, floor values, lows, highs) of one results dict's chance floor, as `passk_table`, or None
+    when the results have no chance floor (results files written before it)."""
+    table = results if dataset is None else passk_table_source(results, label, dataset)
+    if "chance_floor" not in table:
+        return None
+    ks = np.array([int(k) for k in table["chance_floor"]])
+    order = np.argsort(ks)
+    values = np.array(list(table["chance_floor"].values()), dtype=float)
+    intervals = np.array([table["chance_floor_ci95"][k] for k in table["chance_floor"]], dtype=float).reshape(-1, 2)
     return ks[order], values[order], intervals[order, 0], intervals[order, 1]
 
 
@@ -91,46 +149,69 @@ def _percent_limits(ax, low: float, high: float) -> None:
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0))
 
 
-def passk_extremes(tables: Mapping[str, Mapping], dataset: str | None = None, show_ci: bool = True) -> tuple[float, float]:
-    """Smallest and largest Pass@k (and interval ends with ``show_ci``) over every method and k: the
-    range the curves and the bar chart share."""
+def passk_extremes(tables: Mapping[str, Mapping], dataset: str | None = None, show_ci: bool = True,
+                   show_floor: bool = False) -> tuple[float, float]:
+    """Smallest and largest Pass@k (and interval ends with ``show_ci``, chance floors with ``show_floor``)
+    over every method and k: the range the curves and the bar chart share."""
     extremes = []
     for label, results in tables.items():
         _, values, lows, highs = passk_table(results, label, dataset)
         extremes += [values.min(), values.max()] + ([lows.min(), highs.max()] if show_ci else [])
+        floor = floor_table(results, label, dataset) if show_floor else None
+        if floor is not None:
+            extremes += [floor[1].min(), floor[1].max()]
     return min(extremes), max(extremes)
 
 
-def _draw_curves(ax, tables: Mapping[str, Mapping], dataset, show_ci: bool, k_range) -> None:
-    plotted_ks, extremes = [], []
+def _inside(table, k_range):
+    """A (ks, values, lows, highs) table cut to the inclusive k range (None: all)."""
+    if k_range is None:
+        return table
+    ks = table[0]
+    inside = (ks >= k_range[0]) & (ks <= k_range[1])
+    return tuple(column[inside] for column in table)
+
+
+def _draw_curves(ax, tables: Mapping[str, Mapping], dataset, show_ci: bool, k_range, show_floor: bool) -> None:
+    plotted_ks, extremes, floors = [], [], 0
+    colours, styles = label_colours(list(tables)), label_styles(list(tables))
     for label, results in tables.items():
-        ks, values, lows, highs = passk_table(results, label, dataset)
-        if k_range is not None:
-            inside = (ks >= k_range[0]) & (ks <= k_range[1])
-            ks, values, lows, highs = ks[inside], values[inside], lows[inside], highs[inside]
+        ks, values, lows, highs = _inside(passk_table(results, label, dataset), k_range)
         if ks.size == 0:
             continue
-        line, = ax.plot(ks, values, marker="o", markersize=3, label=label)
+        ax.plot(ks, values, marker="o", markersize=3, label=label, color=colours[label], linestyle=styles[label])
         extremes += [values.min(), values.max()]
         if show_ci:
-            ax.fill_between(ks, lows, highs, color=line.get_color(), alpha=CI_ALPHA, linewidth=0)
+            ax.fill_between(ks, lows, highs, color=colours[label], alpha=CI_ALPHA, linewidth=0)
             extremes += [lows.min(), highs.max()]
+        floor = floor_table(results, label, dataset) if show_floor else None
+        if floor is not None:
+            floor_ks, floor_values, _, _ = _inside(floor, k_range)
+            ax.plot(floor_ks, floor_values, color=colours[label], linestyle=FLOOR_STYLE, linewidth=1,
+                    label=f"_{label} chance floor", gid=f"chance-floor:{label}")
+            extremes += [floor_values.min(), floor_values.max()]
+            floors += 1
         plotted_ks += ks.tolist()
     if not plotted_ks:
         raise ValueError(f"no k inside the range {k_range}")
     _log2_k_axis(ax, plotted_ks)
     _percent_limits(ax, *((min(extremes), max(extremes)) if k_range is not None else
-                          passk_extremes(tables, dataset, show_ci)))
+                          passk_extremes(tables, dataset, show_ci, show_floor)))
     ax.set_ylabel("Pass@k")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    handles, names = ax.get_legend_handles_labels()
+    if floors:  # one legend entry for all floors: each is dashed in its method's colour
+        handles.append(Line2D([], [], color="grey", linestyle=FLOOR_STYLE, linewidth=1))
+        names.append("chance floor (dashed)")
+    ax.legend(handles, names, fontsize="small")
 
 
 def plot_passk_curves(results: Sequence[ResultsLike], labels: Sequence[str] | None = None, *,
                       dataset: str | None = None, show_ci: bool = True,
                       k_range: tuple[int, int] | None = None, title: str | None = None,
-                      save_to=None) -> Figure:
-    """Pass@k against k (log2 axis) for several methods, one line each, with 95% bands.
+                      show_floor: bool = True, save_to=None) -> Figure:
+    """Pass@k against k (log2 axis) for several methods, one line each, with 95% bands, and each
+    method's chance floor as a dashed line of its colour (``show_floor``, where the results have one).
 
     dataset: None for the overall table, else a name in meta.per_dataset; k_range: inclusive
     (k_min, k_max) to show.
@@ -138,14 +219,15 @@ def plot_passk_curves(results: Sequence[ResultsLike], labels: Sequence[str] | No
     tables = labelled_results(results, labels)
     figure = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = figure.add_subplot()
-    _draw_curves(ax, tables, dataset, show_ci, k_range)
+    _draw_curves(ax, tables, dataset, show_ci, k_range, show_floor)
     ax.set_title(title or f"Pass@k ({dataset or 'all datasets'})")
     return _finish(figure, save_to)
 
 
 def plot_passk_grid(results: Sequence[ResultsLike], labels: Sequence[str] | None = None, *,
-                    show_ci: bool = True, save_to=None) -> Figure:
-    """One Pass@k subplot per dataset (from meta.per_dataset) found in every method's results."""
+                    show_ci: bool = True, show_floor: bool = True, save_to=None) -> Figure:
+    """One Pass@k subplot per dataset (from meta.per_dataset) found in every method's results, as
+    `plot_passk_curves`."""
     tables = labelled_results(results, labels)
     dataset_sets = [set(r.get("meta", {}).get("per_dataset", {})) for r in tables.values()]
     datasets = sorted(set.intersection(*dataset_sets))
@@ -156,38 +238,60 @@ def plot_passk_grid(results: Sequence[ResultsLike], labels: Sequence[str] | None
     figure = Figure(figsize=(4.2 * columns, 3.4 * rows), layout="constrained")
     for index, dataset in enumerate(datasets, start=1):
         ax = figure.add_subplot(rows, columns, index)
-        _draw_curves(ax, tables, dataset, show_ci, None)
+        _draw_curves(ax, tables, dataset, show_ci, None, show_floor)
         ax.set_title(dataset)
     return _finish(figure, save_to)
 
 
 def plot_improvement(results: Sequence[ResultsLike], labels: Sequence[str] | None = None, *,
-                     baseline: str | None = None, dataset: str | None = None, save_to=None) -> Figure:
+                     baseline: str | None = None, dataset: str | None = None,
+                     comparisons: Mapping[str, Mapping] | None = None, save_to=None) -> Figure:
     """Pass@k of each method minus the baseline's (default: the first), in percentage points,
-    at the k both have; one line per non-baseline method, plus a zero line."""
+    at the k both have; one line per non-baseline method, plus a zero line.
+
+    comparisons: {label: paired comparison of that method against the baseline} in the format of
+    `passk.compare_methods` (difference and ci95 per k, fractions); the lines are then their differences
+    with the paired 95% intervals shaded around them. Needed for every non-baseline label; overall only
+    (no ``dataset``).
+    """
     tables = labelled_results(results, labels)
     baseline = baseline or next(iter(tables))
     if baseline not in tables:
         raise ValueError(f"baseline {baseline!r} is not one of the labels {list(tables)}")
+    if comparisons is not None:
+        if dataset is not None:
+            raise ValueError("paired comparisons are overall: leave dataset None when comparisons are given")
+        missing = [label for label in tables if label != baseline and label not in comparisons]
+        if missing:
+            raise ValueError(f"no paired comparison against {baseline!r} for {missing}")
     base_ks, base_values, _, _ = passk_table(tables[baseline], baseline, dataset)
     base_by_k = dict(zip(base_ks.tolist(), base_values))
+    colours, styles = label_colours(list(tables)), label_styles(list(tables))
     figure = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = figure.add_subplot()
     plotted_ks = []
     for label, results_dict in tables.items():
         if label == baseline:
             continue
-        ks, values, _, _ = passk_table(results_dict, label, dataset)
-        shared = [i for i, k in enumerate(ks.tolist()) if k in base_by_k]
-        ks = ks[shared]
-        gain = (values[shared] - np.array([base_by_k[k] for k in ks.tolist()])) * 100
-        ax.plot(ks, gain, marker="o", markersize=3, label=label)
+        if comparisons is not None:
+            comparison = comparisons[label]
+            ks = np.array(sorted(int(k) for k in comparison["difference"]))
+            gain = np.array([comparison["difference"][str(k)] for k in ks]) * 100
+            band = np.array([comparison["ci95"][str(k)] for k in ks], dtype=float).reshape(-1, 2) * 100
+            ax.fill_between(ks, band[:, 0], band[:, 1], color=colours[label], alpha=CI_ALPHA, linewidth=0)
+        else:
+            ks, values, _, _ = passk_table(results_dict, label, dataset)
+            shared = [i for i, k in enumerate(ks.tolist()) if k in base_by_k]
+            ks = ks[shared]
+            gain = (values[shared] - np.array([base_by_k[k] for k in ks.tolist()])) * 100
+        ax.plot(ks, gain, marker="o", markersize=3, label=label, color=colours[label], linestyle=styles[label])
         plotted_ks += ks.tolist()
     if not plotted_ks:
         raise ValueError("improvement needs at least one method besides the baseline, sharing its k")
     ax.axhline(0.0, color="black", linewidth=0.8)
     _log2_k_axis(ax, plotted_ks)
-    ax.set_ylabel(f"Pass@k minus {baseline} (percentage points)")
+    ax.set_ylabel(f"Pass@k minus {baseline} (percentage points" +
+                  (", paired 95% bands)" if comparisons is not None else ")"))
     ax.set_title(f"Improvement over {baseline} ({dataset or 'all datasets'})")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
@@ -204,6 +308,7 @@ def plot_passk_bars(results: Sequence[ResultsLike], labels: Sequence[str] | None
     ax = figure.add_subplot()
     width = 0.8 / len(tables)
     positions = np.arange(len(ks))
+    colours = label_colours(list(tables))
     for index, (label, results_dict) in enumerate(tables.items()):
         table_ks, values, lows, highs = passk_table(results_dict, label, dataset)
         missing = [k for k in ks if k not in table_ks]
@@ -212,7 +317,7 @@ def plot_passk_bars(results: Sequence[ResultsLike], labels: Sequence[str] | None
         rows = [int(np.flatnonzero(table_ks == k)[0]) for k in ks]
         errors = np.vstack([values[rows] - lows[rows], highs[rows] - values[rows]]) if show_ci else None
         ax.bar(positions + (index - (len(tables) - 1) / 2) * width, values[rows], width,
-               yerr=errors, capsize=3, label=label)
+               yerr=errors, capsize=3, label=label, color=colours[label])
     ax.set_xticks(positions, [f"k={k}" for k in ks])
     _percent_limits(ax, *passk_extremes(tables, dataset, show_ci))  # the scale of the Pass@k curves
     ax.set_ylabel("Pass@k")
@@ -303,6 +408,7 @@ def plot_training_curves(runs: pd.DataFrame | Mapping[str, pd.DataFrame], *,
     if len(runs) > 1:
         panels = _one_panel_per_column(panels)
     collapses = {label: detect_collapse(frame.to_dict("records")) for label, frame in runs.items()}
+    colours, styles = label_colours(list(runs)), label_styles(list(runs))
     n_columns = min(2, len(panels))
     n_rows = math.ceil(len(panels) / n_columns)
     figure = Figure(figsize=(6.4 * n_columns, 3.2 * n_rows), layout="constrained")
@@ -318,7 +424,8 @@ def plot_training_curves(runs: pd.DataFrame | Mapping[str, pd.DataFrame], *,
                 values = series[column].rolling(smoothing, min_periods=1).mean()
                 parts = ([label] if len(runs) > 1 else []) + ([_short_name(column)] if len(panel_columns) > 1 else [])
                 name = ": ".join(parts) or label
-                ax.plot(series["step"], values, label=name)
+                ax.plot(series["step"], values, label=name, **(
+                    {"color": colours[label], "linestyle": styles[label]} if len(runs) > 1 else {}))
         for label, event in collapses.items():
             if event is not None:
                 ax.axvline(event.step, color="tab:red", linestyle="--", linewidth=1,

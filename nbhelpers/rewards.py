@@ -110,13 +110,18 @@ def _log_once(key: str, message: str, level: int = logging.WARNING) -> None:
 _THOUSANDS_GROUPED = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
 
 
-def _strip_answer(text: str) -> str:
-    """Surrounding whitespace and one trailing period removed."""
-    stripped = text.strip()
-    return stripped[:-1].rstrip() if stripped.endswith(".") else stripped
+RELATIVE_TOLERANCE = 0.05
+"""Largest relative difference |p - t| / |t| (a fraction) at which a numeric answer is still correct."""
 
 
-def _to_number(text: str) -> float | None:
+def normalised_answer(text: Any) -> str:
+    """An answer as correctness compares it: surrounding whitespace and one trailing period removed,
+    lower-cased (`str()` of a non-string first)."""
+    stripped = (text if isinstance(text, str) else str(text)).strip()
+    return (stripped[:-1].rstrip() if stripped.endswith(".") else stripped).lower()
+
+
+def answer_number(text: str) -> float | None:
     """The finite number `text` denotes, or None.
 
     `float()` syntax; a trailing `%` divides by 100; commas are dropped only when they group
@@ -134,10 +139,10 @@ def _to_number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def relaxed_correctness(prediction: str, target: str, max_relative_change: float = 0.05) -> bool:
+def relaxed_correctness(prediction: str, target: str, max_relative_change: float = RELATIVE_TOLERANCE) -> bool:
     """The ChartQA relaxed-accuracy verdict (pix2struct semantics).
 
-    Both strings lose surrounding whitespace and one trailing period. If both are numbers
+    Both strings are compared as `normalised_answer` gives them. If both are numbers
     (a trailing `%` divides by 100) and the target is non-zero, correct when
     |p - t| / |t| <= max_relative_change; with a zero target, correct when p == 0 exactly;
     otherwise a case-insensitive exact string match decides.
@@ -148,15 +153,14 @@ def relaxed_correctness(prediction: str, target: str, max_relative_change: float
     in pix2struct: units and currency ("15 million" != "15", "$5" != "5"), and a percent
     against a bare number of the same digits ("12%" is 0.12, so != "12" but == "0.12").
     """
-    prediction_text = _strip_answer(prediction if isinstance(prediction, str) else str(prediction))
-    target_text = _strip_answer(target if isinstance(target, str) else str(target))
-    predicted, expected = _to_number(prediction_text), _to_number(target_text)
+    prediction_text, target_text = normalised_answer(prediction), normalised_answer(target)
+    predicted, expected = answer_number(prediction_text), answer_number(target_text)
     if predicted is not None and expected is not None:
         if expected != 0:
             return abs(predicted - expected) / abs(expected) <= max_relative_change
         if predicted == 0:
             return True
-    return prediction_text.lower() == target_text.lower()
+    return prediction_text == target_text
 
 
 # --------------------------------------------------------------------------- per-completion scores
@@ -170,22 +174,23 @@ def format_score(text: str) -> float:
 def exact_correctness(prediction: str, target: str) -> bool:
     """Case-insensitive equality after removing surrounding whitespace and one trailing period: no
     numeric tolerance. ChartQA-Pro's rule for answers its `Year` column flags ("2019" != "2020")."""
-    return _strip_answer(str(prediction)).lower() == _strip_answer(str(target)).lower()
+    return normalised_answer(prediction) == normalised_answer(target)
+
+
+def answer_correct(predicted: str | None, gold: Any, exact_match: bool = False) -> bool:
+    """Whether an extracted answer is correct: relaxed-correct against the gold answer (exactly equal
+    with ``exact_match``). A None answer (no closed `<answer>` block) or a None gold answer: False.
+    A gold answer given as a list of strings (HF ChartQA's `label`) accepts any of them."""
+    if predicted is None or gold is None:
+        return False
+    golds = gold if isinstance(gold, (list, tuple)) else [gold]
+    verdict = exact_correctness if exact_match else relaxed_correctness
+    return any(verdict(predicted, str(one)) for one in golds)
 
 
 def accuracy_score(text: str, gold_answer: Any, exact_match: bool = False) -> float:
-    """1.0 if the last `<answer>` text is relaxed-correct against the gold answer (exactly equal
-    with ``exact_match``), else 0.
-
-    No closed `<answer>` block, or a None gold answer: 0. A gold answer given as a list of
-    strings (HF ChartQA's `label`) accepts any of them.
-    """
-    answer = extract_answer(text)
-    if answer is None or gold_answer is None:
-        return 0.0
-    golds = gold_answer if isinstance(gold_answer, (list, tuple)) else [gold_answer]
-    verdict = exact_correctness if exact_match else relaxed_correctness
-    return 1.0 if any(verdict(answer, str(gold)) for gold in golds) else 0.0
+    """1.0 if the last `<answer>` text is `answer_correct` against the gold answer, else 0."""
+    return 1.0 if answer_correct(extract_answer(text), gold_answer, exact_match) else 0.0
 
 
 def length_think_score(text: str, window_words: tuple[int, int] = LENGTH_WINDOW_WORDS) -> float:

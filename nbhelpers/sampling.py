@@ -173,6 +173,7 @@ def sample_to_file(cfg: RunConfig, out: str | Path, checkpoint: str | None = Non
                    examples: Iterable[dict] | None = None, model=None, processor=None) -> Path:
     """Draw ``cfg.n_samples`` completions per problem of ``cfg.eval_dataset`` into ``out`` (resumable)."""
     from . import data, provenance
+    from .completion_parsing import extract_answer
     from .rewards import is_correct
     from .rollout import sample_problems
 
@@ -213,11 +214,13 @@ def sample_to_file(cfg: RunConfig, out: str | Path, checkpoint: str | None = Non
                                                 engine=cfg.rollout_engine, one_problem=one_problem, **settings):
             example = examples[index]
             texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+            exact = data.example_exact_match(example)
             writer.write({"id": str(example["id"]), "dataset": example["dataset"], "question": example["question"],
                           "answer": example["answer"], "completions": texts,
-                          "correct": [is_correct(t, example["answer"], cfg.reward_threshold,
-                                                 data.example_exact_match(example)) for t in texts],
-                          "meta": {**meta_base, "seed_problem": seed}})
+                          "correct": [is_correct(t, example["answer"], cfg.reward_threshold, exact) for t in texts],
+                          "answers": [extract_answer(t) for t in texts],
+                          "meta": {**meta_base, "seed_problem": seed, "exact_match": exact,
+                                   "reward_threshold": cfg.reward_threshold}})
             drawn += len(texts)
             bar.update(1)
             bar.set_postfix(samples_per_s=f"{drawn / max(time.monotonic() - started, 1e-9):.1f}")

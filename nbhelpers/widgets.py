@@ -147,7 +147,8 @@ class _Explorer:
 
 class PassKExplorer(_Explorer):
     """Pass@k curves of several methods: method checkboxes, dataset dropdown, k range slider,
-    interval toggle. `results`: results dicts or results-file paths; labels default to methods."""
+    interval toggle, chance-floor toggle (dashed lines, where the results have a floor). `results`:
+    results dicts or results-file paths; labels default to methods."""
 
     nothing_selected = "Select at least one method."
 
@@ -164,19 +165,22 @@ class PassKExplorer(_Explorer):
         self.k_range = widgets.SelectionRangeSlider(options=[(str(k), k) for k in ks], index=(0, len(ks) - 1),
                                                     description="k range").add_class("chartrl-k-range")
         self.show_ci = widgets.Checkbox(value=True, description="Show 95% intervals").add_class("chartrl-ci-toggle")
-        layout = widgets.HBox([self.methods, widgets.VBox([self.dataset, self.k_range, self.show_ci])])
-        self._setup([self.methods, self.dataset, self.k_range, self.show_ci], layout,
-                    "chartrl-passk-explorer", static_dir, live)
+        self.show_floor = widgets.Checkbox(value=True, description="Show chance floor").add_class(
+            "chartrl-floor-toggle")
+        controls = [self.dataset, self.k_range, self.show_ci, self.show_floor]
+        layout = widgets.HBox([self.methods, widgets.VBox(controls)])
+        self._setup([self.methods, *controls], layout, "chartrl-passk-explorer", static_dir, live)
 
     def _current_figure(self) -> Figure | None:
         if not self.methods.value:
             return None
         chosen = [self.results[label] for label in self.methods.value]
         return plot_passk_curves(chosen, list(self.methods.value), dataset=_chosen(self.dataset.value),
-                                 show_ci=self.show_ci.value, k_range=self.k_range.value)
+                                 show_ci=self.show_ci.value, k_range=self.k_range.value,
+                                 show_floor=self.show_floor.value)
 
     def _static_views(self) -> dict[str, Figure]:
-        """All methods, full k range, with intervals: overall (the figure 30_passk saves as
+        """All methods, full k range, with intervals and chance floors: overall (the figure 30_passk saves as
         passk_curves.png, so saving both writes one file) and per shared dataset."""
         views = {"passk_curves": plot_passk_curves(list(self.results.values()), list(self.results))}
         for dataset in self.datasets:

@@ -278,7 +278,9 @@ def test_load_methods_from_samples_writes_results_and_keeps_problems(two_methods
     assert set(methods.problems) == {"nsr", "grpo"}
     frame = comparison.passk_frame(methods)
     assert list(frame.columns) == ["pass@1", "pass@2", "pass@4", "pass@8"]
+    assert list(frame.index) == ["nsr", "nsr chance floor", "grpo", "grpo chance floor"]
     assert frame.loc["grpo", "pass@1"] > frame.loc["nsr", "pass@1"]  # 60% vs 30% correct samples
+    assert frame.loc["grpo chance floor", "pass@8"] == round(100 * methods.results[1]["chance_floor"]["8"], 2)
     assert comparison.baseline_label(methods, None) == "grpo"
     assert "nsr - grpo (paired, 6 problems)" in comparison.paired_comparisons(methods, "grpo", bootstrap=50)
     assert "grpo (synthetic)" in comparison.passk_tables(methods)
@@ -328,9 +330,12 @@ def test_improvement_needs_a_second_method(two_methods, tmp_path):
     methods = comparison.load_methods(two_methods, bootstrap=10)
     figure = comparison.plot_improvement(methods, "grpo", save_to=tmp_path / "improvement.png")
     assert [line.get_label() for line in figure.axes[0].get_lines()][0] == "nsr"
+    assert len(figure.axes[0].collections) == 1  # the paired 95% band of nsr - grpo
     assert (tmp_path / "improvement.png").stat().st_size > 0
     alone = comparison.Methods(methods.labels[:1], methods.results[:1])
     assert comparison.plot_improvement(alone, "nsr") is None
+    from_results = comparison.Methods(methods.labels, methods.results)  # no per-problem counts: bare lines
+    assert len(comparison.plot_improvement(from_results, "grpo").axes[0].collections) == 0
 
 
 def test_figure_path():

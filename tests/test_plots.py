@@ -230,3 +230,130 @@ def test_plot_cli_every_kind(tmp_path, results, kind, extra):
                               "--kind", kind, *extra])
     assert plots.run_from_cli(args) == 0
     assert b"<svg" in out.read_bytes()[:400]
+
+
+# --- one colour per mode, the chance floor, paired bands ----------------------------------------------
+
+MODES = ["base", "grpo", "psr", "nsr", "w-reinforce", "passk"]
+
+
+def guessing_problems(rate_of_right, seed, n_problems=30):
+    """Problems with gold answers "0".."4" whose answers are right with probability ``rate_of_right`` and
+    otherwise a uniform guess, so that every method has a chance floor."""
+    rng = np.random.default_rng(seed)
+    problems = []
+    for i in range(n_problems):
+        gold = str(i % 5)
+        answers = tuple(gold if rng.random() < rate_of_right else str(rng.integers(5)) for _ in range(N))
+        problems.append(ProblemCounts("synthetic", str(i), N, answers.count(gold), gold=gold, answers=answers))
+    return problems
+
+
+@pytest.fixture(scope="module")
+def mode_problems():
+    return {mode: guessing_problems(0.1 * index, index) for index, mode in enumerate(MODES)}
+
+
+@pytest.fixture(scope="module")
+def mode_results(mode_problems):
+    return {mode: passk.passk_results(problems, mode, bootstrap=50) for mode, problems in mode_problems.items()}
+
+
+@pytest.mark.parametrize("label, mode", [
+    ("psr", "psr"), ("PSR", "psr"), ("psr-s1", "psr"), ("grpo (seeds 0, 1, 2)", "grpo"), ("base", "base"),
+    ("w-reinforce-s2", "w-reinforce"), ("nsr_synthetic_n256", "nsr"), ("passk", "passk"),
+    ("psrx", None), ("baseline", None), ("a", None), ("grpo-sx", None), ("my psr", None),
+])
+def test_label_mode(label, mode):
+    assert plots.label_mode(label) == mode
+
+
+def test_label_colours_and_styles():
+    labels = ["grpo-s0", "grpo-s1", "psr-s0", "mine", "theirs", "grpo-s2"]
+    assert plots.label_colours(labels) == {"grpo-s0": "tab:blue", "grpo-s1": "tab:blue", "psr-s0": "tab:orange",
+                                           "mine": plots.OTHER_COLOURS[0], "theirs": plots.OTHER_COLOURS[1],
+                                           "grpo-s2": "tab:blue"}
+    assert plots.label_styles(labels) == {"grpo-s0": "-", "grpo-s1": "-.", "psr-s0": "-", "mine": "-",
+                                          "theirs": "-", "grpo-s2": ":"}
+    assert set(plots.MODE_COLOURS) == set(MODES)
+    assert len(set(plots.MODE_COLOURS.values()) | set(plots.OTHER_COLOURS)) == \
+        len(plots.MODE_COLOURS) + len(plots.OTHER_COLOURS)  # no two share a colour
+
+
+def line_colours(ax):
+    from matplotlib.colors import to_hex
+
+    return {line.get_label(): to_hex(line.get_color()) for line in ax.get_lines()
+            if not line.get_label().startswith("_")}
+
+
+def test_every_figure_gives_a_mode_its_colour(mode_problems, mode_results):
+    """psr was orange in the curves and blue in the improvement plot; now a mode has one colour."""
+    from matplotlib.colors import to_hex
+
+    expected = {mode: to_hex(colour) for mode, colour in plots.MODE_COLOURS.items()}
+    everything, results = list(mode_results.values()), list(mode_results)
+    comparisons = {mode: passk.compare_methods(mode_problems[mode], mode_problems["grpo"], bootstrap=20)
+                   for mode in MODES if mode != "grpo"}
+    figures = {
+        "curves": plots.plot_passk_curves(everything, results),
+        "some curves": plots.plot_passk_curves(everything[2:], results[2:]),
+        "improvement over base": plots.plot_improvement(everything, results, baseline="base"),
+        "improvement over grpo": plots.plot_improvement(everything, results, baseline="grpo", comparisons=comparisons),
+        "training": plots.plot_training_curves({mode: training_log() for mode in reversed(MODES)}, metrics=["loss"]),
+    }
+    for name, figure in figures.items():
+        colours = line_colours(figure.axes[0])
+        assert colours and all(colours[label] == expected[label] for label in colours), name
+    bars = plots.plot_passk_bars(everything[3:], results[3:], ks=(1, 4)).axes[0].patches
+    assert [to_hex(bar.get_facecolor()) for bar in bars] == [expected[m] for m in results[3:] for _ in (1, 4)]
+    seeds = plots.plot_passk_curves([mode_results["psr"]] * 2, ["psr-s0", "psr-s1"], show_ci=False).axes[0]
+    assert set(line_colours(seeds).values()) == {expected["psr"]}
+    assert [line.get_linestyle() for line in seeds.get_lines()[::2]] == ["-", "-."]
+
+
+def floor_lines(ax):
+    return {line.get_gid().split(":", 1)[1]: line for line in ax.get_lines()
+            if (line.get_gid() or "").startswith("chance-floor:")}
+
+
+def test_curves_draw_each_floor_dashed_in_its_colour(mode_results):
+    ax, = plots.plot_passk_curves(list(mode_results.values()), list(mode_results)).axes
+    floors = floor_lines(ax)
+    assert list(floors) == MODES
+    curves = line_colours(ax)
+    from matplotlib.colors import to_hex
+    for mode, line in floors.items():
+        assert line.get_linestyle() == "--" and to_hex(line.get_color()) == curves[mode]
+        np.testing.assert_allclose(line.get_ydata(), [mode_results[mode]["chance_floor"][str(k)] for k in KS])
+    assert legend_labels(ax) == MODES + ["chance floor (dashed)"]
+    low, _ = ax.get_ylim()
+    assert low <= min(min(r["chance_floor"].values()) for r in mode_results.values())
+    assert floor_lines(plots.plot_passk_curves(list(mode_results.values()), show_floor=False).axes[0]) == {}
+    cut = floor_lines(plots.plot_passk_curves([mode_results["psr"]], k_range=(2, 8)).axes[0])["psr"]
+    np.testing.assert_array_equal(cut.get_xdata(), [2, 4, 8])
+
+
+def test_results_without_a_floor_draw_none(results):
+    ax, = plots.plot_passk_curves(results).axes
+    assert floor_lines(ax) == {} and "chance floor (dashed)" not in legend_labels(ax)
+
+
+def test_improvement_shades_the_paired_band(mode_problems, mode_results):
+    others = ["psr", "nsr"]
+    comparisons = {mode: passk.compare_methods(mode_problems[mode], mode_problems["grpo"], bootstrap=50)
+                   for mode in others}
+    chosen = [mode_results[m] for m in ["grpo", *others]]
+    ax, = plots.plot_improvement(chosen, baseline="grpo", comparisons=comparisons).axes
+    assert len(ax.collections) == 2 and "paired 95% bands" in ax.get_ylabel()
+    for mode, band, line in zip(others, ax.collections, ax.get_lines()):
+        difference, ci = comparisons[mode]["difference"], comparisons[mode]["ci95"]
+        np.testing.assert_allclose(line.get_ydata(), [difference[str(k)] * 100 for k in KS])
+        y = band.get_paths()[0].vertices[:, 1]
+        np.testing.assert_allclose([y.min(), y.max()], [min(ci[str(k)][0] for k in KS) * 100,
+                                                        max(ci[str(k)][1] for k in KS) * 100])
+    assert len(plots.plot_improvement(chosen, baseline="grpo").axes[0].collections) == 0  # no pairs: bare lines
+    with pytest.raises(ValueError, match=r"no paired comparison against 'grpo' for \['nsr'\]"):
+        plots.plot_improvement(chosen, baseline="grpo", comparisons={"psr": comparisons["psr"]})
+    with pytest.raises(ValueError, match="paired comparisons are overall"):
+        plots.plot_improvement(chosen, baseline="grpo", comparisons=comparisons, dataset="synthetic")

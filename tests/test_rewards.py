@@ -146,6 +146,38 @@ def test_relaxed_correctness_tolerance_is_configurable(prediction, target, max_r
     assert relaxed_correctness(prediction, target, max_relative_change=max_relative_change) is expected
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    (" 2019. ", "2019"), ("Apples", "apples"), ("5..", "5."), ("a.b", "a.b"), (" . ", ""), (12, "12"),
+    ("Yes .", "yes"),
+])
+def test_normalised_answer(text, expected):
+    assert rewards.normalised_answer(text) == expected
+
+
+@pytest.mark.parametrize(("predicted", "gold", "exact_match", "expected"), [
+    ("15", "15", False, True),
+    (None, "15", False, False),                   # no <answer> block
+    ("15", None, False, False),                   # no gold answer
+    ("15.7", "15", False, True),                  # within the relative tolerance
+    ("15.8", "15", False, False),
+    ("15.7", "15", True, False),                  # exact: no tolerance
+    ("Yes.", "yes", True, True),
+    ("twelve", ["12", "twelve"], False, True),    # any of several gold answers
+    ("13", ["12", "twelve"], False, False),
+    ("12", 12, False, True),                      # a numeric gold answer
+])
+def test_answer_correct(predicted, gold, exact_match, expected):
+    assert rewards.answer_correct(predicted, gold, exact_match) is expected
+    completion = "" if predicted is None else f"<answer>{predicted}</answer>"
+    assert rewards.accuracy_score(completion, gold, exact_match) == float(expected)  # the reward calls it
+
+
+def test_relative_tolerance_is_the_accuracy_rewards():
+    gold, tolerance = 200.0, rewards.RELATIVE_TOLERANCE
+    assert rewards.answer_correct(str(gold * (1 + tolerance)), str(gold))
+    assert not rewards.answer_correct(str(gold * (1 + tolerance) + 0.01), str(gold))
+
+
 def test_regression_relative_error_uses_abs_of_target():
     """The original divided by the signed target: any prediction passed against a negative target."""
     original_verdict = abs(1000.0 - (-5.0)) / (-5.0) <= 0.05

@@ -169,8 +169,15 @@ def test_samples_use_exact_match_where_the_example_asks(tmp_path, monkeypatch):
                 zip(load_examples("synthetic", split="test", subset_size=2, seed=cfg.seed), (True, False))]
     out = sampling.sample_to_file(cfg, tmp_path / "samples.jsonl", examples=examples,
                                   model=torch.nn.Linear(1, 1), processor=processor)
-    verdicts = {r["id"]: r["correct"] for r in map(json.loads, out.read_text().splitlines())}
-    assert verdicts == {str(examples[0]["id"]): [False, False], str(examples[1]["id"]): [True, True]}
+    records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    exact_id, relaxed_id = str(examples[0]["id"]), str(examples[1]["id"])
+    assert {key: r["correct"] for key, r in records.items()} == {exact_id: [False, False], relaxed_id: [True, True]}
+    # what the chance floor needs, so that it never re-parses: each answer and how correctness was decided
+    assert all(r["answers"] == ["2020", "2020"] for r in records.values())
+    assert [(records[key]["meta"]["exact_match"], records[key]["meta"]["reward_threshold"])
+            for key in (exact_id, relaxed_id)] == [(True, cfg.reward_threshold), (False, cfg.reward_threshold)]
+    problems = {p.id: p for p in read_samples(out)}
+    assert (problems[exact_id].exact_match, problems[relaxed_id].exact_match) == (True, False)
 
 
 # ------------------------------------------------------------------------------------------ provenance

@@ -21,6 +21,7 @@ import yaml
 SANDBOX = Path(__file__).resolve().parents[1] / "benchmarks" / "sandbox"
 sys.path.insert(0, str(SANDBOX))
 
+import compact_samples  # noqa: E402
 import report  # noqa: E402
 import study  # noqa: E402
 import study_pattern  # noqa: E402
@@ -142,10 +143,12 @@ def test_run_part_publishes_samples_logs_and_marker(small_study):
     part = small_study.part("psr-s0")
     marker = study.run_part(small_study, part, train=fake_train, sample=fake_sample)
     assert study_settings.part_status(small_study, part) == "done"
+    assert small_study.samples_path(part).name == "psr-s0.compact.jsonl.xz"
     with lzma.open(small_study.samples_path(part), "rt") as handle:
         records = [json.loads(line) for line in handle]
     assert [r["id"] for r in records] == ["p0", "p1", "p2"]
     assert records[0]["meta"]["checkpoint"].endswith("psr-s0/final")
+    assert all(r["answers"] == ["1"] * 4 and r["meta"]["completions_kept"] for r in records)  # 3 <= 8 kept
     run = small_study.run_path(part)
     assert sorted(p.name for p in run.iterdir()) == ["part.json", "train-config.yaml", "trainer_state.json"]
     assert marker["train_steps"] == 2 and marker["sample_problems"] == 3 and marker["n_samples"] == 4
@@ -161,20 +164,25 @@ def test_export_writes_one_tar_per_part_relative_to_the_study_folder(small_study
     with tarfile.open(path) as tar:
         names = sorted(tar.getnames())
     assert names == ["runs/grpo-s0", "runs/grpo-s0/part.json", "runs/grpo-s0/train-config.yaml",
-                     "runs/grpo-s0/trainer_state.json", "samples/grpo-s0.jsonl.xz"]
+                     "runs/grpo-s0/trainer_state.json", "samples/grpo-s0.compact.jsonl.xz"]
 
 
-def test_xz_samples_are_reproducible_and_read_by_passk(small_study, tmp_path):
+def test_published_samples_are_compact_reproducible_and_read_by_passk(small_study, monkeypatch):
+    monkeypatch.setattr(study, "COMPLETIONS_KEPT", 2)
     part = small_study.part("base")
     study.run_part(small_study, part, sample=fake_sample)
-    packed = small_study.samples_path(part)
+    packed, plain = small_study.samples_path(part), small_study.work_path(part) / "samples.jsonl"
     first = packed.read_bytes()
-    study._write_xz(small_study.work_path(part) / "samples.jsonl", packed)
+    study.publish(small_study, part, plain, None, study_settings.read_marker(small_study, part))
     assert packed.read_bytes() == first and first[:6] == b"\xfd7zXZ\x00"  # xz: same samples, same bytes
+    with lzma.open(packed, "rt") as handle:
+        records = [json.loads(line) for line in handle]
+    assert [("completions" in r, r["meta"]["completions_kept"]) for r in records] == [(True, True), (False, False),
+                                                                                      (True, True)]
     from_xz = passk.read_samples(packed)
-    from_plain = passk.read_samples(small_study.work_path(part) / "samples.jsonl")
-    assert [(p.id, p.n, p.c) for p in from_xz] == [(p.id, p.n, p.c) for p in from_plain] == \
-        [("p0", 4, 0), ("p1", 4, 1), ("p2", 4, 2)]
+    from_plain = passk.read_samples(plain)
+    assert [(p.id, p.n, p.c, p.answers) for p in from_xz] == [(p.id, p.n, p.c, p.answers) for p in from_plain]
+    assert [(p.id, p.n, p.c) for p in from_xz] == [("p0", 4, 0), ("p1", 4, 1), ("p2", 4, 2)]
 
 
 @pytest.mark.parametrize("damage", ["no marker", "no samples", "unreadable marker"])
@@ -385,7 +393,8 @@ def write_part(settings, name: str, counts: list[int], n: int = 16) -> None:
     with open(samples, "w") as handle:
         for i, c in enumerate(counts):
             handle.write(json.dumps({"id": str(i), "dataset": "synthetic", "question": "q", "answer": "a",
-                                     "completions": ["x"] * n, "correct": [j < c for j in range(n)]}) + "\n")
+                                     "completions": [f"<answer>{'a' if j < c else 'b'}</answer>" for j in range(n)],
+                                     "correct": [j < c for j in range(n)]}) + "\n")
     run_dir = fake_train(settings.train_config(part)) if part.trains else None
     marker = {"part": name, "fingerprint": settings.fingerprint(part), "settings": settings.part_settings(part),
               "train_s": 30.0 if part.trains else None, "train_steps": 2 if part.trains else None, "sample_s": 5.0,
@@ -424,6 +433,9 @@ def test_report_computes_pooled_passk_comparisons_verdict_and_readme(tmp_path, c
     readme = (tmp_path / "README.md").read_text()
     assert readme.startswith("# Study\n\nhand-written") and readme.rstrip().endswith("tail") and "\nold\n" not in readme
     assert "| psr (seeds 0, 1) | 60.0 [" in readme and "| psr - grpo |" in readme and "Test GPU" in readme
+    # every gold answer is "a": a psr problem draws the 23 (or 24) other all-"a" problems of 39, so p = 0.6
+    assert pooled["chance_floor"]["1"] == pytest.approx(0.6) and "| *psr chance floor* | 60.0 [" in readme
+    assert "| *psr-s0 chance floor* | 60.0 [" in readme
     assert "identical apart from `mode` and `seed`" in readme
     for figure in ("passk_curves", "improvement_over_base", "improvement_over_grpo", "training_curves",
                    "training_psr"):
@@ -469,6 +481,9 @@ def test_pooled_comparison_of_one_seed_each_equals_passk_compare_methods(tmp_pat
     pooled = report.pooled_results([a], "w", bootstrap=300, seed=4, seeds=[0])
     single = passk.passk_results(a, "w", bootstrap=300, seed=4)
     assert pooled["pass_at_k"] == pytest.approx(single["pass_at_k"]) and pooled["ci95"] == single["ci95"]
+    assert 0 < single["chance_floor"]["1"] < 1
+    assert pooled["chance_floor"] == pytest.approx(single["chance_floor"])
+    assert pooled["chance_floor_ci95"] == single["chance_floor_ci95"]
 
 
 def test_pooling_averages_each_problem_over_seeds(tmp_path):
@@ -476,8 +491,53 @@ def test_pooling_averages_each_problem_over_seeds(tmp_path):
     two = [passk.ProblemCounts("d", str(i), 4, c) for i, c in enumerate([4, 4])]
     pooled = report.pooled_results([one, two], "m", bootstrap=20, seed=0, seeds=[0, 1])
     assert pooled["pass_at_k"]["1"] == pytest.approx((0.5 + 1.0) / 2)
+    assert "chance_floor" not in pooled  # counts without answers have no floor
     with pytest.raises(ValueError, match="not sampled on the same problems"):
         report.pooled_results([one, one[:1]], "m", bootstrap=20, seed=0, seeds=[0, 1])
+
+
+def test_pooling_averages_each_problems_floor_over_seeds():
+    """Each seed's floor comes from its own answers: seed one's problem 0 draws problem 1's "2"s (p = 0) and
+    problem 1 the "1"s (p = 1); seed two's problems draw one "1" in two (p = 1/2)."""
+    def problems(answer_pairs):
+        return [passk.ProblemCounts("d", str(i), 2, pair.count("1"), gold="1", answers=pair)
+                for i, pair in enumerate(answer_pairs)]
+
+    pooled = report.pooled_results([problems([("1", "1"), ("2", "2")]), problems([("1", "2"), ("2", "1")])], "m",
+                                   bootstrap=20, seed=0, seeds=[0, 1])
+    assert pooled["chance_floor"] == pytest.approx({"1": ((0 + 0.5) / 2 + (1 + 0.5) / 2) / 2,
+                                                    "2": ((0 + 0.75) / 2 + (1 + 0.75) / 2) / 2})
+    assert [seed["types"] for seed in pooled["meta"]["chance_floor"]["per_seed"]] == [{"integer": 2}] * 2
+
+
+@pytest.mark.parametrize("tamper", [False, True])
+def test_compacting_full_samples_checks_every_number_before_deleting(tmp_path, capsys, tamper):
+    """Full samples files (as study.py published them before) become compact ones; they are deleted only when
+    the compact files give the same problems and every number of results/ again."""
+    settings = pattern_study(tmp_path, seeds=(0,))
+    assert report.main(["--settings", str(settings.path)]) == 0
+    fulls = []
+    for part in settings.parts():
+        full = compact_samples.full_samples_path(settings.samples_path(part))
+        with open(settings.work_path(part) / "samples.jsonl", "rb") as raw, lzma.open(full, "wb") as packed:
+            packed.write(raw.read())
+        settings.samples_path(part).unlink()
+        fulls.append(full)
+    if tamper:
+        path = tmp_path / "results" / "pooled-psr.json"
+        results = json.loads(path.read_text())
+        results["chance_floor_ci95"]["4"][0] -= 1e-9
+        path.write_text(json.dumps(results))
+    assert compact_samples.main(["--settings", str(settings.path), "--delete"]) == (1 if tamper else 0)
+    out, err = capsys.readouterr()
+    assert all(settings.samples_path(part).is_file() for part in settings.parts())
+    if tamper:
+        assert "pooled-psr.json: chance_floor_ci95.4[0]" in out and "nothing deleted" in err
+        assert all(full.is_file() for full in fulls)
+    else:
+        assert "numbers of results/ reproduced exactly" in out and not any(full.exists() for full in fulls)
+        assert compact_samples.main(["--settings", str(settings.path)]) == 0
+        assert "no full samples files to compact" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------ end to end

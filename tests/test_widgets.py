@@ -81,11 +81,33 @@ def test_passk_explorer_controls_are_locatable_in_a_browser(results):
     assert all("chartrl-method-select-item" in box._dom_classes for box in explorer.methods.checkboxes)
     assert [box.description for box in explorer.methods.checkboxes] == ["GRPO", "NSR", "PSR"]
     assert explorer.methods.description == "Methods"
-    assert (explorer.dataset.description, explorer.k_range.description, explorer.show_ci.description) == (
-        "Dataset", "k range", "Show 95% intervals")
+    assert (explorer.dataset.description, explorer.k_range.description, explorer.show_ci.description,
+            explorer.show_floor.description) == ("Dataset", "k range", "Show 95% intervals", "Show chance floor")
     for control, css in ((explorer.dataset, "chartrl-dataset-select"), (explorer.k_range, "chartrl-k-range"),
-                         (explorer.show_ci, "chartrl-ci-toggle"), (explorer.output, "chartrl-passk-explorer-output")):
+                         (explorer.show_ci, "chartrl-ci-toggle"), (explorer.show_floor, "chartrl-floor-toggle"),
+                         (explorer.output, "chartrl-passk-explorer-output")):
         assert css in control._dom_classes
+
+
+def test_passk_explorer_floor_toggle():
+    def floored(method, right):
+        problems = [ProblemCounts("ChartQA", str(i), N, right, gold=str(i % 3),
+                                  answers=(str(i % 3),) * right + ("9",) * (N - right)) for i in range(6)]
+        return passk.passk_results(problems, method, bootstrap=20)
+
+    explorer = widgets.passk_explorer([floored("grpo", 2), floored("psr", 5)], live=False)
+
+    def floors():
+        return [line.get_gid() for line in explorer.figure.axes[0].get_lines()
+                if (line.get_gid() or "").startswith("chance-floor:")]
+
+    assert explorer.show_floor.value is True
+    assert floors() == ["chance-floor:grpo", "chance-floor:psr"]
+    explorer.show_floor.value = False
+    assert floors() == []
+    explorer.show_floor.value = True
+    explorer.methods.value = ("psr",)
+    assert floors() == ["chance-floor:psr"]
 
 
 def test_passk_explorer_static_images(tmp_path, results):

@@ -2,7 +2,7 @@
 
     python benchmarks/sandbox/report.py
 
-Reads samples/<part>.jsonl.xz and runs/<part>/ (trainer_state.json, part.json) of the parts that are done;
+Reads samples/<part>.compact.jsonl.xz and runs/<part>/ (trainer_state.json, part.json) of the parts that are done;
 writes results/ (Pass@k per part, pooled per mode, paired comparisons, the pattern verdict), figures/ and the
 generated section of README.md. Parts not done are listed as missing; nothing fails for their absence.
 """
@@ -35,8 +35,9 @@ TRAINING_METRICS = ("reward", "mode/accuracy", "mode/kept_positive", "mode/kept_
 
 # ------------------------------------------------------------------------------------------ Pass@k
 def aligned_values(problem_lists: Sequence[Sequence[passk.ProblemCounts]], ks: Sequence[int],
-                   order: Sequence[tuple[str, str]]) -> np.ndarray:
-    """Per-problem Pass@k (problems in ``order`` x ks), averaged over the lists (seeds) given."""
+                   order: Sequence[tuple[str, str]], per_problem=passk.per_problem_pass_at_k) -> np.ndarray:
+    """Per-problem values (problems in ``order`` x ks), averaged over the lists (seeds) given; ``per_problem``
+    (problems, ks) -> matrix gives them, by default each problem's Pass@k."""
     matrices = []
     for problems in problem_lists:
         by_key = {p.key: p for p in problems}
@@ -44,27 +45,38 @@ def aligned_values(problem_lists: Sequence[Sequence[passk.ProblemCounts]], ks: S
         if missing or len(by_key) != len(order):
             raise ValueError(f"{problems[0].source.rsplit(':', 1)[0]}: not sampled on the same problems as the "
                              f"others ({len(missing)} missing, {len(by_key)} vs {len(order)})")
-        matrices.append(passk.per_problem_pass_at_k([by_key[key] for key in order], ks))
+        matrices.append(per_problem([by_key[key] for key in order], ks))
     return np.mean(matrices, axis=0)
+
+
+def chance_floor_per_problem(problems: Sequence[passk.ProblemCounts], ks: Sequence[int]) -> np.ndarray:
+    """Each problem's chance floor 1 - (1 - p)^k (problems x ks), p from its own samples file's answers."""
+    return passk.chance_floor_matrix(passk.chance_rates(problems)[0], ks)
 
 
 def pooled_results(problem_lists: Sequence[Sequence[passk.ProblemCounts]], method: str, *, bootstrap: int,
                    seed: int, seeds: Sequence[int | None]) -> dict:
-    """Results-file dict of a mode with its seeds pooled: each problem's Pass@k averaged over the seeds, then
-    the mean over problems with a 95% bootstrap interval over problems (passk.bootstrap_mean_ci)."""
+    """Results-file dict of a mode with its seeds pooled: each problem's Pass@k (and chance floor, each seed's
+    from its own answers) averaged over the seeds, then the mean over problems with a 95% bootstrap interval
+    over problems (passk.bootstrap_mean_ci)."""
     first = problem_lists[0]
     ns = {p.n for problems in problem_lists for p in problems}
     if len(ns) != 1:
         raise ValueError(f"{method}: samples with different n {sorted(ns)}")
     n = ns.pop()
     ks = passk.k_values(n)
-    values = aligned_values(problem_lists, ks, [p.key for p in first])
-    low, high = passk.bootstrap_mean_ci(values, bootstrap=bootstrap, seed=seed)
-    return {"method": method, "dataset": first[0].dataset, "n_problems": len(first), "n_samples": n,
-            "pass_at_k": {str(k): float(v) for k, v in zip(ks, values.mean(axis=0))},
-            "ci95": {str(k): [float(a), float(b)] for k, a, b in zip(ks, low, high)},
-            "meta": {"seeds": list(seeds), "pooling": "per-problem Pass@k averaged over seeds",
-                     "bootstrap": {"resamples": bootstrap, "seed": seed, "level": passk.CI_LEVEL}}}
+    order = [p.key for p in first]
+    values = aligned_values(problem_lists, ks, order)
+    meta = {"seeds": list(seeds), "pooling": "per-problem Pass@k averaged over seeds",
+            "bootstrap": {"resamples": bootstrap, "seed": seed, "level": passk.CI_LEVEL}}
+    floor = None
+    if all(len(p.answers) == p.n for problems in problem_lists for p in problems):  # hand-made counts have none
+        floor = aligned_values(problem_lists, ks, order, chance_floor_per_problem)
+        meta["chance_floor"] = {"method": passk.CHANCE_FLOOR_METHOD,
+                                "pooling": "per-problem floor of each seed's own answers, averaged over seeds",
+                                "per_seed": [passk.chance_rates(problems)[1] for problems in problem_lists]}
+    return {"method": method, "dataset": first[0].dataset,
+            **passk.results_table(values, ks, n, bootstrap, seed, floor), "meta": meta}
 
 
 def pooled_comparison(lists_a, lists_b, method_a: str, method_b: str, *, bootstrap: int, seed: int) -> dict:
@@ -137,19 +149,29 @@ def write_json(data, path: Path) -> None:
     tmp.replace(path)
 
 
+def results_files(study: dict) -> dict[str, dict]:
+    """{file name in results/: its content}: Pass@k per part and per mode (seeds pooled), and summary.json."""
+    files = {f"{label}.json": results for label, results in
+             {**study["per_part"], **{f"pooled-{k}": v for k, v in study["pooled"].items()}}.items()}
+    files["summary.json"] = {
+        "verdict": study["verdict"],
+        "claims": [{"statement": c.statement, "holds": c.holds, "evidence": c.evidence} for c in study["claims"]],
+        "versus": study["versus"], "per_seed_vs_grpo": study["per_seed_vs_grpo"],
+        "missing_parts": [p.name for p in study["parts"] if study["status"][p.name] != "done"],
+        "gpu_time": gpu_time_rows(study)}
+    return files
+
+
 def write_results(study: dict) -> list[Path]:
     root = study["settings"].root / "results"
     written = []
-    for label, results in {**study["per_part"], **{f"pooled-{k}": v for k, v in study["pooled"].items()}}.items():
-        written.append(passk.write_results(results, root / f"{label}.json"))
-    summary = {"verdict": study["verdict"],
-               "claims": [{"statement": c.statement, "holds": c.holds, "evidence": c.evidence}
-                          for c in study["claims"]],
-               "versus": study["versus"], "per_seed_vs_grpo": study["per_seed_vs_grpo"],
-               "missing_parts": [p.name for p in study["parts"] if study["status"][p.name] != "done"],
-               "gpu_time": gpu_time_rows(study)}
-    write_json(summary, root / "summary.json")
-    return written + [root / "summary.json"]
+    for name, content in results_files(study).items():
+        if name == "summary.json":
+            write_json(content, root / name)
+            written.append(root / name)
+        else:
+            written.append(passk.write_results(content, root / name))
+    return written
 
 
 def seed_mean_frame(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
@@ -166,22 +188,24 @@ def write_figures(study: dict) -> dict[str, Path]:
     pooled = study["pooled"]
     order = [label for label in ["base", *study["settings"].modes] if label in pooled]
     if order:
-        figures["Pass@k, seeds pooled (95% intervals)"] = folder / "passk_curves.png"
+        title = "Pass@k, seeds pooled (95% intervals; dashed: chance floors)"
+        figures[title] = folder / "passk_curves.png"
         plots.plot_passk_curves([pooled[l] for l in order], order, title="Pass@k (seeds pooled)",
-                                save_to=figures["Pass@k, seeds pooled (95% intervals)"])
+                                save_to=figures[title])
     per_part = study["per_part"]
     if per_part:
         figures["Pass@k of every part"] = folder / "passk_curves_per_part.png"
-        plots.plot_passk_curves(list(per_part.values()), list(per_part), show_ci=False, title="Pass@k per part",
+        plots.plot_passk_curves(list(per_part.values()), list(per_part), show_ci=False, show_floor=False,
+                                title="Pass@k per part (chance floors: the pooled figure)",
                                 save_to=figures["Pass@k of every part"])
     for reference in ("base", "grpo"):
         others = [l for l in order if l not in (reference, "base")] if reference == "grpo" else \
             [l for l in order if l != "base"]
         if reference in pooled and others:
-            title = f"Improvement over {reference} (seeds pooled)"
+            title = f"Improvement over {reference} (seeds pooled; paired 95% bands)"
             figures[title] = folder / f"improvement_over_{reference}.png"
             plots.plot_improvement([pooled[reference]] + [pooled[l] for l in others], [reference] + others,
-                                   baseline=reference, save_to=figures[title])
+                                   baseline=reference, comparisons=study["versus"][reference], save_to=figures[title])
     training = study["training"]
     by_mode = {m: [training[p.name] for p in study["done"] if p.mode == m] for m in study["settings"].modes}
     by_mode = {m: frames for m, frames in by_mode.items() if frames}
@@ -216,8 +240,15 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def passk_table(results: Mapping[str, Mapping], ks: Sequence[int]) -> str:
-    rows = [[label] + [_cell(r["pass_at_k"][str(k)], r["ci95"][str(k)]) if str(k) in r["pass_at_k"] else "n/a"
-                       for k in ks] for label, r in results.items()]
+    """Pass@k with intervals, one row per method and, below it, its chance floor where the results have one."""
+    def row(label: str, values: Mapping, intervals: Mapping) -> list[str]:
+        return [label] + [_cell(values[str(k)], intervals[str(k)]) if str(k) in values else "n/a" for k in ks]
+
+    rows = []
+    for label, r in results.items():
+        rows.append(row(label, r["pass_at_k"], r["ci95"]))
+        if "chance_floor" in r:
+            rows.append(row(f"*{label.split(' (')[0]} chance floor*", r["chance_floor"], r["chance_floor_ci95"]))
     return markdown_table(["method"] + [f"k={k}" for k in ks], rows)
 
 
@@ -291,7 +322,12 @@ def report_markdown(study: dict, figures: Mapping[str, Path]) -> str:
                 f"n = {sample.n_samples} samples each at temperature {sample.sample_temperature:g}, "
                 f"top-p {sample.sample_top_p:g}, at most {sample.sample_max_new_tokens} new tokens. "
                 f"Intervals: 95% bootstrap over problems "
-                f"({settings.report['bootstrap']} resamples); pooled = each problem's Pass@k averaged over the seeds."]
+                f"({settings.report['bootstrap']} resamples); pooled = each problem's Pass@k averaged over the seeds.",
+            "", "*Chance floor* (the rows in italics, the dashed lines): the Pass@k of a guesser that never sees the "
+                "chart. For each problem it draws k of the same method's completions to other test problems whose "
+                "gold answer has the same type (yes/no, year, integer, decimal, text), and scores their answers "
+                "against this problem's gold answer with the samples' own rule (relaxed accuracy: numbers within 5%; "
+                "`nbhelpers.passk`). Pass@k near its floor is guessing, not reading the chart."]
     out += ["", "### Does the paper's pattern hold?", "", study["verdict"], ""]
     out += [markdown_table(["claim", "holds", "numbers"],
                            [[c.statement, {True: "yes", False: "no", None: "n/a"}[c.holds], c.evidence]

@@ -3,7 +3,8 @@
 Parts: ``base`` (samples of the base model) and ``<mode>-s<seed>`` (train with nbhelpers.trainer.train, then
 sample the trained adapter with nbhelpers.sampling.sample_to_file). Each part runs as its own process with its
 own scratch folder ``work/<part>/`` (run folder, checkpoints, uncompressed samples, ``log.txt``). A finished part
-publishes, each step atomically (temp file, then rename), ``samples/<part>.jsonl.xz``, then ``runs/<part>/``
+publishes, each step atomically (temp file, then rename), its compact samples ``samples/<part>.compact.jsonl.xz``
+(every problem's correct bits and answers, the texts of a few), then ``runs/<part>/``
 (trainer_state.json, configs, summary and the marker part.json with GPU, wall times and versions). A rerun skips
 done parts; a killed part resumes from its newest checkpoint and its finished problems.
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import lzma
 import os
 import platform
 import shutil
@@ -34,8 +34,9 @@ SANDBOX = Path(__file__).resolve().parent
 REPO_ROOT = SANDBOX.parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(SANDBOX)]  # this checkout's nbhelpers, and study_settings beside this file
 
-from study_settings import (BASE_PART, DEFAULT_SETTINGS, MARKER, Part, SettingsError, StudySettings,  # noqa: E402
-                            changed_keys, load_settings, part_status, read_marker)
+from nbhelpers.passk import write_compact_samples  # noqa: E402
+from study_settings import (BASE_PART, COMPLETIONS_KEPT, DEFAULT_SETTINGS, MARKER, Part, SettingsError,  # noqa: E402
+                            StudySettings, changed_keys, load_settings, part_status, read_marker)
 
 FINGERPRINT_FILE = "fingerprint.txt"
 TIMING_FILE = "timing.json"
@@ -165,19 +166,11 @@ def machine_record() -> dict:
             "git_dirty": None if changes is None else bool(changes.strip())}
 
 
-def _write_xz(source: Path, target: Path) -> None:
-    """xz-compress ``source`` into ``target`` atomically (the same samples give the same bytes). xz, not gzip:
-    the committed samples are a third smaller, which keeps the repository inside what travels to a GPU machine."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    with open(source, "rb") as raw, lzma.open(tmp, "wb", preset=9) as packed:
-        shutil.copyfileobj(raw, packed)
-    tmp.replace(target)
-
-
 def publish(settings: StudySettings, part: Part, samples: Path, run_dir: Path | None, marker: dict) -> None:
-    """samples/<part>.jsonl.xz, then runs/<part>/ with the logs and, inside, the marker (renamed in last)."""
-    _write_xz(samples, settings.samples_path(part))
+    """samples/<part>.compact.jsonl.xz (compact and xz, so that the repository stays small enough to travel to a
+    GPU machine; the same samples give the same bytes), then runs/<part>/ with the logs and, inside, the marker
+    (renamed in last)."""
+    write_compact_samples(settings.samples_path(part), samples, keep=COMPLETIONS_KEPT)
     final = settings.run_path(part)
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -430,8 +423,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if changed:
             details = "; ".join(f"{p.name} ({', '.join(changed_keys(settings, p)) or 'fingerprint'})" for p in changed)
             raise SettingsError(f"{settings.path}: done part(s) were made with other settings: {details}. Keep them "
-                                f"(restore the settings) or delete their samples/<part>.jsonl.xz and runs/<part>/ "
-                                f"to redo them")
+                                f"(restore the settings) or delete their samples/<part>.compact.jsonl.xz and "
+                                f"runs/<part>/ to redo them")
     except SettingsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -4,7 +4,9 @@ Shared by the runner (study.py) and the report (report.py). A part is either ``b
 model) or ``<mode>-s<seed>`` (train that mode with that seed, then sample the trained model). A part is done
 when its marker ``runs/<part>/part.json`` exists with the current settings (the same fingerprint, or no changed
 key, a RunConfig key newer than the marker counting at its default) and its samples file
-``samples/<part>.jsonl.xz`` exists; the marker is written last, so a part killed at any moment is not done.
+``samples/<part>.compact.jsonl.xz`` exists; the marker is written last, so a part killed at any moment is not done.
+The samples files are compact (``nbhelpers.passk.write_compact_samples``): every problem's correct bits and
+extracted answers, the completion texts of COMPLETIONS_KEPT problems.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ SANDBOX = Path(__file__).resolve().parent
 DEFAULT_SETTINGS = SANDBOX / "study.yaml"
 BASE_PART = "base"
 MARKER = "part.json"
+COMPLETIONS_KEPT = 8  # problems whose completion texts a published samples file keeps (all keep their answers)
 TOP_LEVEL_KEYS = ("model", "modes", "seeds", "eval_seed", "common", "train", "sample", "report")
 RUNCONFIG_SECTIONS = ("common", "train", "sample")
 RUNNER_KEYS = ("mode", "seed", "vlm_name", "run_name", "output_root", "persistent_root")
@@ -73,7 +76,8 @@ class StudySettings:
 
     # --- paths ---------------------------------------------------------------------------------------
     def samples_path(self, part: Part) -> Path:
-        return self.root / "samples" / f"{part.name}.jsonl.xz"
+        """The part's compact samples file (xz)."""
+        return self.root / "samples" / f"{part.name}.compact.jsonl.xz"
 
     def run_path(self, part: Part) -> Path:
         """Committed logs and the marker of a part (no checkpoints)."""
