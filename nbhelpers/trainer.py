@@ -613,41 +613,17 @@ def persistent_store(cfg: RunConfig) -> Path | None:
     return Path(root) / cfg.resolved_run_name()
 
 
-# Files of a checkpoint that only resuming needs; the rest (weights, configs, processor) make up final/.
-RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin",
-                     "chartrl-manifest.json", "scaler.pt")
-
-
-def checkpoint_finished(checkpoint: Path, requested_max_steps: int = -1) -> bool:
-    """True when a checkpoint was saved at its run's last step (HF would train one step too many on resume)
-    and ``requested_max_steps`` (-1: the run's own) asks for no more."""
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    last = max(state.get("max_steps", 0), requested_max_steps)
-    return last > 0 and state["global_step"] >= last
-
-
-def _publish(tmp: Path, final: Path, step: int) -> None:
-    """Give the finished folder ``tmp`` its manifest (so it can be synced and checked) and put it in place of
-    ``final`` (a crash leaves the checkpoint to rebuild it from)."""
-    from .sync import write_manifest
-
-    write_manifest(tmp, step=step)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-
-
 def finalize_from_checkpoint(checkpoint: Path, run_dir: Path, cfg: RunConfig) -> Path:
     """final/ and trainer_state.json of a run whose last checkpoint is complete but whose final save was lost."""
-    from .sync import checkpoint_step
+    from .sync import FINAL_NAME, RESUME_ONLY_FILES, checkpoint_step, partial_folder, publish
 
-    tmp = run_dir / "final.partial"
+    step = checkpoint_step(checkpoint)
+    tmp = partial_folder(run_dir / FINAL_NAME, tag=str(step))
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns(*RESUME_ONLY_FILES, "global_step*"))
     write_model_card(cfg, tmp)
     shutil.copy2(checkpoint / "trainer_state.json", run_dir / "trainer_state.json")
-    _publish(tmp, run_dir / "final", checkpoint_step(checkpoint))
-    return run_dir / "final"
+    return publish(tmp, run_dir / FINAL_NAME, step)
 
 
 def write_model_card(cfg: RunConfig, folder: Path) -> Path:
@@ -708,7 +684,8 @@ def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
     checkpoint and final/ the store lacks is copied at the start and at the end."""
     from accelerate import PartialState
 
-    from .sync import CheckpointSync, CheckpointSyncCallback, find_resume_checkpoint, restore_newest
+    from .sync import (FINAL_NAME, CheckpointSync, CheckpointSyncCallback, checkpoint_finished, find_resume_checkpoint,
+                       partial_folder, publish, restore_newest)
 
     check_environment(cfg)
     check_run_identity(cfg)
@@ -750,12 +727,12 @@ def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
         if torch.cuda.is_available():
             print(f"process {trainer.accelerator.process_index}: peak GPU memory "
                   f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
-        tmp = run_dir / "final.partial"
+        tmp = partial_folder(run_dir / FINAL_NAME, tag=str(trainer.state.global_step))  # alike on every process
         trainer.save_model(str(tmp))
         if trainer.accelerator.is_main_process:
             trainer.processing_class.save_pretrained(str(tmp))
             write_model_card(cfg, tmp)
-            _publish(tmp, run_dir / "final", trainer.state.global_step)
+            publish(tmp, run_dir / FINAL_NAME, trainer.state.global_step)
             trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
             _write_summary(run_dir)
             if sync is not None:

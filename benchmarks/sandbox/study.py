@@ -177,6 +177,8 @@ def _write_xz(source: Path, target: Path) -> None:
 
 def publish(settings: StudySettings, part: Part, samples: Path, run_dir: Path | None, marker: dict) -> None:
     """samples/<part>.jsonl.xz, then runs/<part>/ with the logs and, inside, the marker (renamed in last)."""
+    from nbhelpers.sync import replace_folder  # imports torch: inside, as this script's other nbhelpers imports
+
     _write_xz(samples, settings.samples_path(part))
     final = settings.run_path(part)
     tmp = final.with_name(f".{final.name}.tmp")
@@ -191,9 +193,7 @@ def publish(settings: StudySettings, part: Part, samples: Path, run_dir: Path | 
     if sample_config.is_file():
         shutil.copy2(sample_config, tmp / "sample-config.yaml")
     (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    replace_folder(tmp, final)
 
 
 def _seconds(marker: dict) -> str:
