@@ -103,7 +103,7 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, TRAIN_FLAGS)
-    from .trainer import train
+    from .training_run import train  # torch and TRL: only once the configuration is valid
 
     run_dir = train(cfg)
     print(f"run folder: {run_dir}")

@@ -8,6 +8,8 @@ the run still says what the weights are.
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import yaml
 
@@ -65,3 +67,10 @@ def model_card(cfg: RunConfig) -> str:
             f"## Training settings\n\nEvery key that changes the trained weights (fingerprint "
             f"`{training_fingerprint(cfg)}`); `config.yaml` in the run folder has the whole configuration.\n\n"
             f"| key | value |\n|---|---|\n{settings}\n")
+
+
+def write_model_card(card: str, folder: str | os.PathLike) -> Path:
+    """``folder/README.md`` holding ``card`` (the text of :func:`model_card`); returns its path."""
+    path = Path(folder) / "README.md"
+    path.write_text(card, encoding="utf-8")
+    return path

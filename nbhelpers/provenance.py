@@ -2,7 +2,8 @@
 
 * A run folder's ``config.yaml`` records the configuration of the model it holds. A request whose
   training-relevant keys (:data:`nbhelpers.config.TRAINING_KEYS`) differ is refused with one line naming
-  the keys, unless it sets ``resume_changed_config``. A folder that holds no model yet (no checkpoint,
+  the keys, unless it sets ``resume_changed_config``; :func:`check_run_identity` checks the run folder and
+  its persistent-store folder. A folder that holds no model yet (no checkpoint,
   no ``final/``) is free: a failed first attempt never blocks a corrected one.
 * A samples file's ``<stem>.config.yaml`` records its provenance (:data:`SAMPLES_PROVENANCE_FIELDS`);
   an existing file is resumed only when the request has the same provenance.
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import TRAINING_KEYS, ConfigError, RunConfig, _coerce, read_yaml_file
+from .platform import persistent_store
 
 RUN_CONFIG_NAME = "config.yaml"
 # Fields of a samples file's provenance: the model (registry name or folder) and the checkpoint sampled
@@ -99,6 +101,15 @@ def check_run_folder(cfg: RunConfig, folder: str | os.PathLike, where: str = "ru
                               f"({describe_differences(differences)}): {how}")
 
 
+def check_run_identity(cfg: RunConfig) -> None:
+    """Refuse (ProvenanceError, one line) when the run folder, or its persistent-store folder, holds a model
+    trained with other training-relevant settings; nothing is read or written beyond the two config.yaml."""
+    check_run_folder(cfg, cfg.run_dir())
+    store = persistent_store(cfg)
+    if store is not None:
+        check_run_folder(cfg, store, where="persistent store folder")
+
+
 # ------------------------------------------------------------------------------------------ samples files
 def samples_record_path(samples_file: str | os.PathLike) -> Path:
     """``<folder>/<stem>.config.yaml``, the record beside a samples file."""
@@ -148,6 +159,6 @@ def check_samples_file(samples_file: str | os.PathLike, requested: Mapping[str, 
     return True
 
 
-__all__ = ["ProvenanceError", "SAMPLES_PROVENANCE_FIELDS", "check_run_folder", "check_samples_file",
-           "describe_differences", "differing_fields", "holds_model", "run_differences", "samples_provenance",
-           "samples_record_path"]
+__all__ = ["ProvenanceError", "SAMPLES_PROVENANCE_FIELDS", "check_run_folder", "check_run_identity",
+           "check_samples_file", "describe_differences", "differing_fields", "holds_model", "run_differences",
+           "samples_provenance", "samples_record_path"]

@@ -158,7 +158,7 @@ def test_passk_ks_default_and_configured():
     ({"WANDB_MODE": "offline"}, ["wandb"]),
 ])
 def test_wandb_only_with_a_key_or_offline_mode(monkeypatch, env, expected):
-    from nbhelpers.trainer import _report_to
+    from nbhelpers.training_setup import _report_to
 
     for key in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(key, raising=False)

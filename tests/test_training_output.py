@@ -12,7 +12,8 @@ import pytest
 from transformers.trainer_callback import TrainerControl, TrainerState
 
 from nbhelpers.config import load_config, resolve_parameter_file
-from nbhelpers.trainer import StepLineCallback, TensorBoardNumbers, format_log_line, grpo_config
+from nbhelpers.training_callbacks import StepLineCallback, TensorBoardNumbers, format_log_line
+from nbhelpers.training_setup import grpo_config
 from fast_presets import TINY
 
 

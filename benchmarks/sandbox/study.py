@@ -1,6 +1,6 @@
 """Run the objectives study of issue 12 (settings: study.yaml), resumably, several parts at once on one GPU.
 
-Parts: ``base`` (samples of the base model) and ``<mode>-s<seed>`` (train with nbhelpers.trainer.train, then
+Parts: ``base`` (samples of the base model) and ``<mode>-s<seed>`` (train with nbhelpers.training_run.train, then
 sample the trained adapter with nbhelpers.sampling.sample_to_file). Each part runs as its own process with its
 own scratch folder ``work/<part>/`` (run folder, checkpoints, uncompressed samples, ``log.txt``). A finished part
 publishes, each step atomically (temp file, then rename), ``samples/<part>.jsonl.xz``, then ``runs/<part>/``
@@ -69,7 +69,7 @@ def _add_time(work: Path, stage: str, seconds: float) -> dict:
 
 
 def default_train(cfg) -> Path:
-    from nbhelpers.trainer import train
+    from nbhelpers.training_run import train
 
     return train(cfg)
 
