@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import InputError
+from .rewards import MAX_TOTAL_REWARD, REWARD_NAMES
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
@@ -30,7 +31,6 @@ LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo")
 CORRECTNESS_SOURCES = ("accuracy", "total")
 CISPO_EPSILON_HIGH = 5.0  # TRL's GRPOConfig docs: the recommended epsilon_high (ScaleRL's epsilon_max) for cispo
 EPSILON = 0.2  # TRL's default lower clipping bound, and its upper one when epsilon_high is unset
-MAX_TOTAL_REWARD = 11.25  # the seven Chart-RVR rewards' maxima with unit weights: 2+1+2.5+2+1+1.75+1
 FINETUNE_KINDS = ("lora", "full")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 ROLLOUT_ENGINES = ("auto", "stock", "fast", "vllm")
@@ -38,6 +38,7 @@ DEEPSPEED_CHOICES = ("none", "zero3", "auto")
 # TRL's importance-sampling modes (GRPOConfig.vllm_importance_sampling_mode), plus off
 IMPORTANCE_SAMPLING_MODES = ("off", "token_truncate", "sequence_truncate", "token_mask", "sequence_mask")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+REWARD_KEYS = tuple(name.removesuffix("_reward") for name in REWARD_NAMES)  # the names reward_weights takes
 
 
 class ConfigError(InputError):
@@ -96,13 +97,12 @@ class RunConfig:
                          "advantages; k = 1 is GRPO on the 0/1 correctness reward.", default=4)
     reward_threshold: float = _help(
         "A sample is correct when this is <= its accuracy reward (0 or 1; correctness_from: accuracy) or its "
-        "weighted total reward (the sum of the seven rewards times their weights, 0 to "
+        "weighted total reward (the sum of the rewards times their weights, 0 to "
         f"{MAX_TOTAL_REWARD} with unit weights, about 10 for a well-formed wrong answer; correctness_from: "
         "total, which has no default: set it explicitly).", default=0.5)
     correctness_from: str = _help("accuracy: threshold the accuracy reward; total: the weighted total.",
                                   default="accuracy")
-    reward_weights: dict = _help("Weight per reward name (format, accuracy, length_think, count, "
-                                 "chart_type, table_style, process_style); missing names weigh 1.0.",
+    reward_weights: dict = _help(f"Weight per reward name ({', '.join(REWARD_KEYS)}); missing names weigh 1.0.",
                                  default_factory=dict)
     length_window: list = _help("[min, max] words of the reasoning steps for the length reward.",
                                 default_factory=lambda: [20, 300])
@@ -469,10 +469,9 @@ def validate(cfg: RunConfig, sources: dict[str, str] | None = None) -> None:
     if len(cfg.length_window) != 2 or not all(isinstance(v, (int, float)) for v in cfg.length_window) \
             or not 0 <= cfg.length_window[0] <= cfg.length_window[1]:
         fail("length_window", f"must be [min, max] words with 0 <= min <= max, got {cfg.length_window}")
-    reward_names = ("format", "accuracy", "length_think", "count", "chart_type", "table_style", "process_style")
     for name, weight in cfg.reward_weights.items():
-        if name.removesuffix("_reward") not in reward_names:
-            fail("reward_weights", f"has unknown reward '{name}' (known: {', '.join(reward_names)})")
+        if name.removesuffix("_reward") not in REWARD_KEYS:
+            fail("reward_weights", f"has unknown reward '{name}' (known: {', '.join(REWARD_KEYS)})")
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
             fail("reward_weights", f"weight of '{name}' must be a finite number, got {weight!r}")
     if not cfg.lora_target_modules and cfg.finetune == "lora":

@@ -106,6 +106,21 @@ def compute_advantages(mode: str, rewards: torch.Tensor, correct: torch.Tensor, 
     return advantages, torch.ones_like(correct)
 
 
+def correctness(rewards_per_func: torch.Tensor, weights: torch.Tensor, threshold: float,
+                accuracy_column: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted total reward, correctness bit) per sample, the bits being the c_i of the objectives.
+
+    ``rewards_per_func`` is (samples, functions), NaN where a function gave no value; ``weights`` one per function.
+    The total is the weighted sum with NaN left out. A sample is correct when ``threshold`` <= its reward in
+    column ``accuracy_column`` (correctness_from accuracy; NaN counts as 0), or, with ``accuracy_column`` None
+    (correctness_from total), <= its total.
+    """
+    total = (rewards_per_func * weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
+    if accuracy_column is None:
+        return total, total >= threshold
+    return total, torch.nan_to_num(rewards_per_func[:, accuracy_column], nan=0.0) >= threshold
+
+
 def mode_statistics(mode: str, correct: torch.Tensor, keep: torch.Tensor, rewards: torch.Tensor) -> dict[str, float]:
     """Per-step counts for logging: kept positives/negatives (samples), whether the step is empty, mean reward."""
     correct, keep = correct.bool(), keep.bool()

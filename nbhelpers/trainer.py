@@ -40,7 +40,7 @@ from trl import GRPOTrainer
 from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
 
 from .model_card import write_model_card
-from .objectives import compute_advantages, mode_statistics
+from .objectives import compute_advantages, correctness, mode_statistics
 from .rollout import trainer_generate, trainer_rollout_unavailable_reason
 
 log = logging.getLogger(__name__)
@@ -189,20 +189,12 @@ class ChartRLTrainer(GRPOTrainer):
         self._last_rewards_per_func = rewards_per_func  # gathered over processes, (N_global, n_funcs)
         return rewards_per_func
 
-    def correctness(self, rewards_per_func: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weighted total reward, correctness bit) per sample, from the gathered rewards."""
-        weights = self.reward_weights.to(rewards_per_func.device)
-        total = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
-        if self.correctness_from == "total":
-            return total, total >= self.reward_threshold
-        accuracy = torch.nan_to_num(rewards_per_func[:, self.reward_func_names.index("accuracy_reward")], nan=0.0)
-        return total, accuracy >= self.reward_threshold
-
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         train = self.model.training
         num_generations = self.num_generations if train else self.num_generations_eval
-        total, correct = self.correctness(self._last_rewards_per_func)
+        accuracy = None if self.correctness_from == "total" else self.reward_func_names.index("accuracy_reward")
+        total, correct = correctness(self._last_rewards_per_func, self.reward_weights, self.reward_threshold, accuracy)
         advantages, keep = compute_advantages(self.mode, total, correct, num_generations, self.lambda_psr, self.passk_k)
         self._log_mode_statistics(correct, keep, total, train)
         if self.mode == "grpo":

@@ -80,7 +80,7 @@ def reward_settings(cfg: RunConfig) -> RewardSettings:
 
 
 def build_reward_functions(cfg: RunConfig) -> list:
-    """The seven reward functions of a RunConfig, in TRL's form."""
+    """The reward functions of a RunConfig, in TRL's form."""
     return build_reward_funcs(reward_settings(cfg))
 
 
