@@ -117,7 +117,7 @@ def generate_in_chunks(model, prompt_inputs: dict[str, torch.Tensor], n: int, ch
                        max_new_tokens: int, temperature: float, top_p: float, eos_token_ids: list[int],
                        pad_token_id: int, seed: int, engine: str = "auto") -> list[list[int]]:
     """n completions (token ids, cut after the first EOS) in chunks; a CUDA OOM halves the chunk and retries."""
-    from .rollout import sample_completions
+    from .rollout import halved_after_oom, sample_completions
 
     device = next(model.parameters()).device
     prompt_inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in prompt_inputs.items()}
@@ -131,11 +131,8 @@ def generate_in_chunks(model, prompt_inputs: dict[str, torch.Tensor], n: int, ch
             completions += sample_completions(model, prompt_inputs, take, max_new_tokens=max_new_tokens,
                                               temperature=temperature, top_p=top_p, eos_token_ids=eos_token_ids,
                                               pad_token_id=pad_token_id, engine=engine, generator=generator)
-        except torch.cuda.OutOfMemoryError:
-            if chunk == 1:
-                raise
-            chunk = max(1, chunk // 2)
-            torch.cuda.empty_cache()
+        except torch.cuda.OutOfMemoryError as error:
+            chunk = halved_after_oom(chunk, error)
             log.warning("CUDA out of memory: sampling chunk halved to %d", chunk)
     return completions
 

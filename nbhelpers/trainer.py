@@ -41,7 +41,7 @@ from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_b
 
 from .model_card import write_model_card
 from .objectives import compute_advantages, correctness, mode_statistics
-from .rollout import trainer_generate, trainer_rollout_unavailable_reason
+from .rollout import resolve_engine, trainer_generate, trainer_rollout_unavailable_reason
 
 log = logging.getLogger(__name__)
 
@@ -128,27 +128,19 @@ class ChartRLTrainer(GRPOTrainer):
     # -- rollouts ------------------------------------------------------------------------------
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if self._use_fast_rollouts():
-            return trainer_generate(self, prompt_ids, multimodal_fields, num_generations)
+            return trainer_generate(self, prompt_ids, multimodal_fields)
         return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
                                              has_tool_images)
 
     def _use_fast_rollouts(self) -> bool:
-        """auto: the fast engine where it can run (else stock, saying why once); fast: required; else stock.
-        auto falling back to stock with the importance-sampling correction on is an error (stock has no sampler
-        log-probabilities; RunConfig refuses rollout_engine stock with the correction before any work)."""
+        """Whether the fast engine generates, decided once (:func:`nbhelpers.rollout.resolve_engine`): auto uses it
+        where it can run (else stock, saying why once); fast requires it; auto falling back to stock with the
+        importance-sampling correction on is an error (stock has no sampler log-probabilities; RunConfig refuses
+        rollout_engine stock with the correction before any work)."""
         if self._fast_rollouts is None:
-            self._fast_rollouts = False
-            if self.rollout_engine in ("auto", "fast"):
-                reason = trainer_rollout_unavailable_reason(self)
-                if reason is not None and self.rollout_engine == "fast":
-                    raise RuntimeError(f"rollout_engine 'fast' cannot run here: {reason}")
-                if reason is not None and self.vllm_importance_sampling_correction:
-                    raise RuntimeError(f"importance_sampling_correction is on, but the fast rollout engine cannot "
-                                       f"run here ({reason}) and TRL's stock generate returns no sampler "
-                                       "log-probabilities; set importance_sampling_correction: off")
-                if reason is not None:
-                    log.warning("fast rollout engine off (%s); training uses TRL's generate", reason)
-                self._fast_rollouts = reason is None
+            self._fast_rollouts = resolve_engine(
+                self.rollout_engine, self, unavailable_reason=trainer_rollout_unavailable_reason,
+                needs_logprobs=self.vllm_importance_sampling_correction) == "fast"
         return self._fast_rollouts
 
     @property

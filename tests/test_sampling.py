@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from nbhelpers import sampling
+from nbhelpers import rollout, sampling
 from nbhelpers.config import load_config, resolve_parameter_file
 from nbhelpers.passk import read_samples
 from nbhelpers.sampling import SamplesWriter, finished_problems, repair_samples_file
@@ -78,6 +78,20 @@ def test_out_of_memory_halves_the_chunk(monkeypatch):
                                       pad_token_id=0, seed=0)
     assert len(out) == 7
     assert calls[:3] == [7, 3, 1] and all(c == 1 for c in calls[2:])  # 7 -> 3 -> 1, then stays
+
+
+@pytest.mark.parametrize("rows,halved", [(8, 4), (7, 3), (3, 1), (2, 1)])
+def test_out_of_memory_halves_the_rows_after_releasing(rows, halved):
+    released = []
+    assert rollout.halved_after_oom(rows, torch.cuda.OutOfMemoryError("fake"), lambda: released.append(1)) == halved
+    assert released == [1]
+
+
+def test_out_of_memory_at_one_row_is_raised_again():
+    error = torch.cuda.OutOfMemoryError("fake")
+    with pytest.raises(torch.cuda.OutOfMemoryError) as raised:
+        rollout.halved_after_oom(1, error, lambda: pytest.fail("nothing to release: the error stands"))
+    assert raised.value is error
 
 
 def test_problem_seed_is_order_independent():

@@ -6,7 +6,7 @@ step's math and Triton attention), :mod:`.logits` (HF-equivalent sampling, seede
 :mod:`.trainer` (the TRL hook), :mod:`.vllm`, :mod:`.notices` (one-time warnings, environment switches).
 """
 
-from .dispatch import (ENGINE_CHOICES, cached_engine, resolve_engine, sample_completions, sample_problems,
+from .dispatch import (cached_engine, halved_after_oom, resolve_engine, sample_completions, sample_problems,
                        stock_generate)
 from .engine import (Request, RolloutEngine, base_model, engine_unavailable_reason, model_unsupported_reason)
 from .kernels import attention_bias, shared_prefix_attention, triton_decode_attention
@@ -17,9 +17,9 @@ from .trainer import group_consecutive, split_prompts, trainer_generate, trainer
 from .vllm import collapse_image_pads, vllm_sample
 from .weights import DecodeWeights, merged_weight
 
-__all__ = ["ENGINE_CHOICES", "FALLBACK_ENV", "WEIGHTS_ENV", "DecodeWeights", "Request", "RolloutEngine",
+__all__ = ["FALLBACK_ENV", "WEIGHTS_ENV", "DecodeWeights", "Request", "RolloutEngine",
            "attention_bias", "base_model", "cached_engine", "collapse_image_pads", "engine_unavailable_reason",
-           "group_consecutive", "gumbel_max_sample", "make_warpers", "merged_weight", "model_unsupported_reason",
+           "group_consecutive", "gumbel_max_sample", "halved_after_oom", "make_warpers", "merged_weight", "model_unsupported_reason",
            "process_logits", "resolve_engine", "sample_completions", "sample_key", "sample_problems",
            "seeded_gumbel_sample", "shared_prefix_attention", "split_prompts", "stock_generate",
            "token_logprobs", "trainer_generate", "trainer_rollout_unavailable_reason", "triton_decode_attention",
