@@ -17,9 +17,9 @@ from .trainer import group_consecutive, split_prompts, trainer_generate, trainer
 from .vllm import collapse_image_pads, vllm_sample
 from .weights import DecodeWeights, merged_weight
 
-__all__ = ["FALLBACK_ENV", "WEIGHTS_ENV", "DecodeWeights", "Request", "RolloutEngine",
-           "attention_bias", "base_model", "cached_engine", "collapse_image_pads", "engine_unavailable_reason",
-           "group_consecutive", "gumbel_max_sample", "halved_after_oom", "make_warpers", "merged_weight", "model_unsupported_reason",
+__all__ = ["FALLBACK_ENV", "WEIGHTS_ENV", "DecodeWeights", "Request", "RolloutEngine", "attention_bias", "base_model",
+           "cached_engine", "collapse_image_pads", "engine_unavailable_reason", "group_consecutive",
+           "gumbel_max_sample", "halved_after_oom", "make_warpers", "merged_weight", "model_unsupported_reason",
            "process_logits", "resolve_engine", "sample_completions", "sample_key", "sample_problems",
            "seeded_gumbel_sample", "shared_prefix_attention", "split_prompts", "stock_generate",
            "token_logprobs", "trainer_generate", "trainer_rollout_unavailable_reason", "triton_decode_attention",

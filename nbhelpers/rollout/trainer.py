@@ -107,9 +107,9 @@ def trainer_generate(trainer, prompt_ids: list[list[int]],
     prefilled once, all rows decoded together), results in input order.
 
     TRL repeats each prompt num_generations times consecutively; runs of identical prompts (ids and images)
-    are found by comparison, so the group size need not be given and any order is handled. Returns (completion ids, per-token sampling
-    log-probabilities), the latter as TRL's vLLM path returns them: TRL keeps them as
-    ``sampling_per_token_logps`` (see :func:`.logits.token_logprobs` for what they are).
+    are found by comparison, so the group size need not be given and any order is handled. Returns
+    (completion ids, per-token sampling log-probabilities), the latter as TRL's vLLM path returns them: TRL
+    keeps them as ``sampling_per_token_logps`` (see :func:`.logits.token_logprobs` for what they are).
     """
     from trl.extras.profiling import profiling_context
     from trl.models import unwrap_model_for_generation
