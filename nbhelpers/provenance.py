@@ -22,11 +22,15 @@ from .config import TRAINING_KEYS, ConfigError, RunConfig, _coerce, read_yaml_fi
 from .platform import persistent_store
 
 RUN_CONFIG_NAME = "config.yaml"
-# Fields of a samples file's provenance: the model (registry name or folder) and the checkpoint sampled
-# (absolute path, None for the base model), the sampling seed and settings, the problems' dataset and
-# split, the image pixel budget, and the correctness threshold the ``correct`` lists were judged with.
-SAMPLES_PROVENANCE_FIELDS = ("model", "checkpoint", "seed", "n", "temperature", "top_p", "max_new_tokens",
-                             "dataset", "split", "max_pixels", "reward_threshold")
+# Each field of a samples file's provenance and the RunConfig key it records: the model (registry name or
+# folder) and the checkpoint sampled (None here: an absolute path, None for the base model), the sampling seed
+# and settings, the problems' dataset and split, the image pixel budget, and the correctness threshold the
+# ``correct`` lists were judged with. Sampling reads its settings under these names too.
+SAMPLES_PROVENANCE_KEYS = {"model": "vlm_name", "checkpoint": None, "seed": "seed", "n": "n_samples",
+                           "temperature": "sample_temperature", "top_p": "sample_top_p",
+                           "max_new_tokens": "sample_max_new_tokens", "dataset": "eval_dataset", "split": "eval_split",
+                           "max_pixels": "eval_max_pixels", "reward_threshold": "reward_threshold"}
+SAMPLES_PROVENANCE_FIELDS = tuple(SAMPLES_PROVENANCE_KEYS)
 _MISSING = "(not recorded)"
 
 
@@ -119,10 +123,8 @@ def samples_record_path(samples_file: str | os.PathLike) -> Path:
 
 def samples_provenance(cfg: RunConfig, checkpoint: str | os.PathLike | None) -> dict[str, Any]:
     """The provenance of samples drawn with ``cfg`` from ``checkpoint`` (None: the base model)."""
-    return {"model": cfg.vlm_name, "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
-            "seed": cfg.seed, "n": cfg.n_samples, "temperature": cfg.sample_temperature, "top_p": cfg.sample_top_p,
-            "max_new_tokens": cfg.sample_max_new_tokens, "dataset": cfg.eval_dataset, "split": cfg.eval_split,
-            "max_pixels": cfg.eval_max_pixels, "reward_threshold": cfg.reward_threshold}
+    sampled = None if checkpoint is None else str(Path(checkpoint).resolve())
+    return {name: sampled if key is None else getattr(cfg, key) for name, key in SAMPLES_PROVENANCE_KEYS.items()}
 
 
 def _has_records(samples_file: Path) -> bool:
@@ -159,6 +161,6 @@ def check_samples_file(samples_file: str | os.PathLike, requested: Mapping[str, 
     return True
 
 
-__all__ = ["ProvenanceError", "SAMPLES_PROVENANCE_FIELDS", "check_run_folder", "check_run_identity",
-           "check_samples_file", "describe_differences", "differing_fields", "holds_model", "run_differences",
-           "samples_provenance", "samples_record_path"]
+__all__ = ["ProvenanceError", "SAMPLES_PROVENANCE_FIELDS", "SAMPLES_PROVENANCE_KEYS", "check_run_folder",
+           "check_run_identity", "check_samples_file", "describe_differences", "differing_fields", "holds_model",
+           "run_differences", "samples_provenance", "samples_record_path"]

@@ -187,9 +187,8 @@ def sample_to_file(cfg: RunConfig, out: str | Path, checkpoint: str | None = Non
                              extra={"provenance": requested})
     tokenizer = processor.tokenizer
     eos = _eos_ids(model, tokenizer)
-    meta_base = {"method": method or cfg.mode, "model": cfg.vlm_name, "checkpoint": checkpoint,
-                 "n": cfg.n_samples, "temperature": cfg.sample_temperature, "top_p": cfg.sample_top_p,
-                 "max_new_tokens": cfg.sample_max_new_tokens, "seed": cfg.seed}
+    meta_base = {"method": method or cfg.mode, "model": requested["model"], "checkpoint": checkpoint,
+                 **{name: requested[name] for name in ("n", "temperature", "top_p", "max_new_tokens", "seed")}}
     with SamplesWriter(out) as writer:
         todo = [i for i in range(len(examples))
                 if (examples[i]["dataset"], str(examples[i]["id"])) not in writer.done]
@@ -198,8 +197,8 @@ def sample_to_file(cfg: RunConfig, out: str | Path, checkpoint: str | None = Non
         started, drawn = time.monotonic(), 0
         problems = ((i, encode_prompt(processor, examples[i], cfg.eval_max_pixels),
                      problem_seed(cfg.seed, examples[i]["dataset"], str(examples[i]["id"]))) for i in todo)
-        settings = dict(max_new_tokens=cfg.sample_max_new_tokens, temperature=cfg.sample_temperature,
-                        top_p=cfg.sample_top_p, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id)
+        settings = {name: requested[name] for name in ("max_new_tokens", "temperature", "top_p")}
+        settings.update(eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id)
 
         def one_problem(inputs, seed):  # the stock path, one problem at a time
             return generate_in_chunks(model, inputs, cfg.n_samples, cfg.sample_chunk_size, seed=seed,

@@ -187,6 +187,27 @@ def test_samples_use_exact_match_where_the_example_asks(tmp_path, monkeypatch):
     assert verdicts == {str(examples[0]["id"]): [False, False], str(examples[1]["id"]): [True, True]}
 
 
+def test_records_and_generation_get_the_sampling_settings(tmp_path, monkeypatch):
+    """The sampling keys reach the generation call and each record's meta under the provenance's names."""
+    from nbhelpers import models
+    from nbhelpers.data import load_examples
+
+    cfg = smoke(n_samples=2, sample_temperature=0.8, sample_top_p=0.9, sample_max_new_tokens=7, seed=5)
+    processor = models.build_offline_processor(cfg.eval_max_pixels)
+    calls = []
+    monkeypatch.setattr(sampling, "generate_in_chunks",
+                        lambda model, inputs, n, *a, **k: calls.append(k) or [[processor.tokenizer.eos_token_id]] * n)
+    examples = load_examples("synthetic", split="test", subset_size=1, seed=cfg.seed)
+    out = sampling.sample_to_file(cfg, tmp_path / "samples.jsonl", examples=examples, method="m",
+                                  model=torch.nn.Linear(1, 1), processor=processor)
+    assert {k: calls[0][k] for k in ("max_new_tokens", "temperature", "top_p")} == \
+        {"max_new_tokens": 7, "temperature": 0.8, "top_p": 0.9}
+    meta = json.loads(out.read_text())["meta"]
+    expected = {"method": "m", "model": cfg.vlm_name, "checkpoint": None, "n": 2, "temperature": 0.8, "top_p": 0.9,
+                "max_new_tokens": 7, "seed": 5}
+    assert {k: meta[k] for k in expected} == expected
+
+
 # ------------------------------------------------------------------------------------------ provenance
 PROVENANCE_CHANGES = [  # configuration override or checkpoint, the provenance field it changes
     ({"vlm_name": "qwen2-5-3b"}, "model"), ({"seed": 7}, "seed"), ({"n_samples": 16}, "n"),
