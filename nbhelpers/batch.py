@@ -214,7 +214,8 @@ def run_batch(preset: str, modes: Sequence[str], platform: str | None = None, ou
             path.mkdir()
         first = configs[next(iter(samples))] if samples else next(iter(configs.values()))
         if _run_step(passk, {"samples_files": list(compared.values()), "labels": list(compared),
-                             "bootstrap": first.bootstrap, "results_dir": str(fresh["results"]),
+                             "bootstrap": first.bootstrap, "passk_ks": first.passk_ks,
+                             "results_dir": str(fresh["results"]),
                              "figures_dir": str(fresh["figures"]), "live_widgets": False}, execute):
             from .sync import replace_folder  # imports transformers: kept out of the CLI's error path
 

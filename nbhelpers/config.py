@@ -166,7 +166,8 @@ class RunConfig:
     sample_top_p: float = _help("Top-p for Pass@k sampling, in (0, 1].", default=0.95)
     sample_max_new_tokens: int = _help("Maximum new tokens per sample.", default=768)
     sample_chunk_size: int = _help("Samples generated at once per problem (halved on OOM).", default=64)
-    passk_ks: list | None = _help("k values for Pass@k (None: 1, 2, 4, ..., n_samples).", default=None)
+    passk_ks: list | None = _help("k values for Pass@k in 30_passk and a batch's comparison (None: 1, 2, 4, ..., "
+                                  "n_samples).", default=None)
     bootstrap: int = _help("Bootstrap resamples for 95% intervals.", default=1000)
 
     # ------------------------------------------------------------------------------------
@@ -495,14 +496,6 @@ def resolved_epsilon_high(cfg: RunConfig) -> float:
     if cfg.epsilon_high is not None:
         return cfg.epsilon_high
     return CISPO_EPSILON_HIGH if cfg.loss_type == "cispo" else EPSILON
-
-
-def passk_ks(cfg: RunConfig) -> list[int]:
-    """The k values of Pass@k: configured, or 1, 2, 4, ... up to n_samples (and n_samples itself)."""
-    if cfg.passk_ks:
-        return sorted(set(cfg.passk_ks))
-    ks = [2 ** i for i in range(int(math.log2(cfg.n_samples)) + 1)]
-    return ks if ks[-1] == cfg.n_samples else ks + [cfg.n_samples]
 
 
 def save_resolved_config(cfg: RunConfig, folder: str | Path, name: str = "config.yaml",
