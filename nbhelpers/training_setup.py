@@ -46,7 +46,9 @@ def grpo_config(cfg: RunConfig, run_dir: Path, dtype: str, use_cpu: bool, deepsp
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
         num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        # transformers 5 has no warmup_ratio: a warmup_steps below 1 is the fraction of all optimizer steps
+        # (TrainingArguments.get_warmup_steps: ceil(fraction x steps)), and RunConfig keeps warmup_ratio in [0, 1).
+        lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=float(cfg.warmup_ratio), weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, loss_type=cfg.loss_type, beta=cfg.beta,
         epsilon_high=resolved_epsilon_high(cfg), temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
         reward_weights=reward_weights(reward_settings(cfg)),

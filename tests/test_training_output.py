@@ -70,6 +70,15 @@ def test_grpo_config_raises_no_deprecation_warning(tmp_path):
     assert args.activation_checkpointing is True
 
 
+@pytest.mark.parametrize("warmup_ratio,steps,warmup_steps", [(0.0, 100, 0), (0.1, 100, 10), (0.25, 10, 3),
+                                                         (0.5, 3, 2)])
+def test_warmup_ratio_is_a_fraction_of_the_optimizer_steps(tmp_path, warmup_ratio, steps, warmup_steps):
+    """warmup_ratio reaches transformers as the fraction of all steps spent warming up (ceil), not as steps."""
+    args = grpo_config(load_config([resolve_parameter_file("smoke"), TINY], {"warmup_ratio": warmup_ratio}),
+                       tmp_path, "fp32", use_cpu=True, deepspeed_file=None)
+    assert args.get_warmup_steps(steps) == warmup_steps
+
+
 @pytest.mark.slow
 def test_cli_training_output_is_quiet_and_readable(tmp_path):
     out = subprocess.run([sys.executable, "-m", "nbhelpers", "train", "--preset", "smoke", "--params", str(TINY),
