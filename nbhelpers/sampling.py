@@ -1,9 +1,10 @@
 """n samples per problem from a base model or checkpoint, written to a resumable samples file.
 
 Samples file: JSON Lines, one line per finished problem (the format is in :mod:`nbhelpers.passk`, whose
-:func:`~nbhelpers.passk.read_samples` checks it), appended and flushed as each problem completes. Rerunning the same command resumes: finished problems are skipped, a
-truncated last line (a crash mid-write) is cut off, nothing is duplicated. Each problem draws from
-its own seed (run seed + problem id), so a resumed run gives the same samples as an uninterrupted one.
+:func:`~nbhelpers.passk.read_samples` checks it), appended and flushed as each problem completes. Rerunning
+the same command resumes: finished problems are skipped, a truncated last line (a crash mid-write) is cut
+off, nothing is duplicated. Each problem draws from its own seed (run seed + problem id), so a resumed run
+gives the same samples as an uninterrupted one.
 With the fast rollout engine, problems are sampled together (continuous batching) and their lines come
 in the order the problems finish.
 """
