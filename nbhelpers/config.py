@@ -54,7 +54,7 @@ class RunConfig:
     """Every knob of a chartrl run. Field docs are in each field's ``metadata['help']``."""
 
     # --- what to train -------------------------------------------------------------------
-    mode: str = _help("Objective: grpo, psr, nsr, w-reinforce or passk.", default="grpo")
+    mode: str = _help(f"Objective: {', '.join(MODES[:-1])} or {MODES[-1]}.", default="grpo")
     vlm_name: str = _help("Model registry name (tiny-pretrained, tiny-random, qwen2-5-3b, qwen2-5-7b, "
                           "qwen2-5-3b-random) or a local model folder.", default="tiny-pretrained")
     dataset_name: str = _help("Training dataset registry name (synthetic, chart-rvr-train, ...).",

@@ -14,25 +14,7 @@ from pathlib import Path
 import yaml
 
 from .config import RunConfig, training_fingerprint, training_settings
-
-MODE_DESCRIPTIONS = {
-    "grpo": "GRPO: every sample enters the loss with its group-normalised reward as advantage (TRL's GRPO loss)",
-    "psr": "PSR (positive sample reinforcement): only correct samples enter the loss, with advantage +1",
-    "nsr": "NSR (negative sample reinforcement): only incorrect samples enter the loss, with advantage -1",
-    "w-reinforce": "W-REINFORCE: correct samples with advantage +lambda_psr, incorrect ones with -1",
-    "passk": "Pass@k Training with k = {passk_k}: every sample enters the loss with the closed-form advantage of "
-             "its group's mean Pass@k over all k-subsets (computed from the group's numbers of correct and "
-             "incorrect samples)",
-}
-MODE_REFERENCES = {
-    "grpo": "Shao et al. 2024, DeepSeekMath (arXiv 2402.03300)",
-    "psr": "Zhu et al. 2025, The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning "
-           "(arXiv 2506.01347)",
-}
-MODE_REFERENCES["nsr"] = MODE_REFERENCES["w-reinforce"] = MODE_REFERENCES["psr"]
-MODE_REFERENCES["passk"] = ("Chen et al. 2025, Pass@k Training for Adaptively Balancing Exploration and Exploitation "
-                            "of Large Reasoning Models (arXiv 2508.10751)")
-
+from .objectives import MODE_DESCRIPTIONS, MODE_REFERENCES
 
 def base_model_line(vlm_name: str) -> tuple[str | None, str]:
     """(Hub id or None, a Markdown phrase naming the base model): a Hub link only for a Hub model."""

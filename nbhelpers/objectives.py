@@ -24,6 +24,25 @@ from .config import MODES
 
 GRPO_STD_EPS = 1e-4  # TRL's epsilon in (R - mean) / (std + eps)
 
+# What a run's model card says of its mode, and the paper behind it.
+MODE_DESCRIPTIONS = {
+    "grpo": "GRPO: every sample enters the loss with its group-normalised reward as advantage (TRL's GRPO loss)",
+    "psr": "PSR (positive sample reinforcement): only correct samples enter the loss, with advantage +1",
+    "nsr": "NSR (negative sample reinforcement): only incorrect samples enter the loss, with advantage -1",
+    "w-reinforce": "W-REINFORCE: correct samples with advantage +lambda_psr, incorrect ones with -1",
+    "passk": "Pass@k Training with k = {passk_k}: every sample enters the loss with the closed-form advantage of "
+             "its group's mean Pass@k over all k-subsets (computed from the group's numbers of correct and "
+             "incorrect samples)",
+}
+MODE_REFERENCES = {
+    "grpo": "Shao et al. 2024, DeepSeekMath (arXiv 2402.03300)",
+    "psr": "Zhu et al. 2025, The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning "
+           "(arXiv 2506.01347)",
+}
+MODE_REFERENCES["nsr"] = MODE_REFERENCES["w-reinforce"] = MODE_REFERENCES["psr"]
+MODE_REFERENCES["passk"] = ("Chen et al. 2025, Pass@k Training for Adaptively Balancing Exploration and Exploitation "
+                            "of Large Reasoning Models (arXiv 2508.10751)")
+
 
 def _check_inputs(mode: str, rewards: torch.Tensor, correct: torch.Tensor, num_generations: int) -> None:
     if mode not in MODES:

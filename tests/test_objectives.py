@@ -5,8 +5,9 @@ import statistics
 import pytest
 import torch
 
-from nbhelpers.objectives import compute_advantages, correctness, grpo_advantages, mode_statistics, \
-    passk_advantages, passk_group_advantages
+from nbhelpers.config import MODES
+from nbhelpers.objectives import MODE_DESCRIPTIONS, MODE_REFERENCES, compute_advantages, correctness, \
+    grpo_advantages, mode_statistics, passk_advantages, passk_group_advantages
 
 C = [True, False, False, True]  # two groups of two
 R = [5.0, 1.0, 2.0, 6.0]
@@ -188,4 +189,8 @@ def test_correctness_thresholds_the_accuracy_or_the_weighted_total(weights, thre
                                                                     correct):
     total, bits = correctness(torch.tensor(REWARDS), torch.tensor(weights), threshold, accuracy_column)
     assert total.tolist() == totals and bits.tolist() == correct
+
+
+def test_every_mode_has_the_description_and_reference_of_its_model_card():
+    assert set(MODE_DESCRIPTIONS) == set(MODE_REFERENCES) == set(MODES)
 
