@@ -14,12 +14,11 @@ from pathlib import Path
 import yaml
 
 from .config import RunConfig, training_fingerprint, training_settings
+from .models import resolve_model
 from .objectives import MODE_DESCRIPTIONS, MODE_REFERENCES
 
 def base_model_line(vlm_name: str) -> tuple[str | None, str]:
     """(Hub id or None, a Markdown phrase naming the base model): a Hub link only for a Hub model."""
-    from .models import resolve_model
-
     try:
         kind, location = resolve_model(vlm_name)
     except ValueError:

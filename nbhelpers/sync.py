@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.distributed
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -571,8 +572,6 @@ def _prune(store: Path, keep_last: int) -> None:
 
 
 def _barrier_if_distributed() -> None:
-    import torch.distributed
-
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
 
