@@ -590,7 +590,7 @@ def is_correct(completion: Any, answer: Any, threshold: float = 0.5, exact_match
     """The correctness bit of one completion: accuracy_reward >= threshold (``exact_match``: the
     example's answer must match exactly, see `accuracy_score`).
 
-    Sampling uses this; training thresholds the accuracy reward of the same score in the same way
-    (`nbhelpers.objectives.correctness`), so they agree.
+    Sampling uses this; training thresholds the accuracy reward in the same way
+    (`nbhelpers.objectives.correctness`), which is this score without the per-example exact match.
     """
     return accuracy_score(completion_text(completion), answer, exact_match) >= threshold
