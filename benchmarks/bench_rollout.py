@@ -347,7 +347,7 @@ def train_run(shape: str, fast: bool, steps: int, tokens: int, dtype=torch.bfloa
     class OurTrainer(GRPOTrainer):
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
                                   has_tool_images=False):
-            return trainer_generate(self, prompt_ids, multimodal_fields, num_generations)
+            return trainer_generate(self, prompt_ids, multimodal_fields)
 
     times: list[float] = []
 

@@ -25,7 +25,7 @@ def main() -> None:
 
     from nbhelpers import rollout
     from nbhelpers.config import load_config, resolve_parameter_file
-    from nbhelpers.trainer import build_trainer
+    from nbhelpers.training_setup import build_trainer
 
     out = Path(sys.argv[1])
     overrides = {"rollout_engine": "fast", "output_root": str(out), "run_name": "dp-one-gpu",

@@ -139,7 +139,7 @@ def run_variant(model_name: str, variant: str, args: argparse.Namespace, out_roo
 
     from nbhelpers import models
     from nbhelpers.config import load_config, resolve_parameter_file
-    from nbhelpers.trainer import build_trainer
+    from nbhelpers.training_setup import build_trainer
 
     cfg = load_config([resolve_parameter_file("smoke", "presets"), resolve_parameter_file("nsr", "modes")],
                       [*args.set, f"vlm_name={model_name}", "finetune=full", "dtype=bf16", "deepspeed=none",

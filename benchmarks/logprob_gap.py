@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from nbhelpers.config import load_config, resolve_parameter_file
-    from nbhelpers.trainer import build_trainer
+    from nbhelpers.training_setup import build_trainer
 
     if not torch.cuda.is_available() and not args.allow_cpu:
         print("logprob_gap: no CUDA GPU (pass --allow-cpu to run on the CPU anyway)", file=sys.stderr)

@@ -153,13 +153,6 @@ def _modes_with_samples(previous: BatchReport | None, rerun: Sequence[str], samp
     return {mode: found[mode] for mode in MODES if mode in found}
 
 
-def _replace_folder(new: Path, target: Path) -> None:
-    """Put the folder ``new`` in place of ``target``."""
-    if target.exists():
-        shutil.rmtree(target)
-    new.rename(target)
-
-
 def _error_line(error: BaseException) -> str:
     ename, evalue = getattr(error, "ename", None), getattr(error, "evalue", None)
     text = f"{ename}: {evalue}" if ename else f"{type(error).__name__}: {error}"
@@ -221,10 +214,13 @@ def run_batch(preset: str, modes: Sequence[str], platform: str | None = None, ou
             path.mkdir()
         first = configs[next(iter(samples))] if samples else next(iter(configs.values()))
         if _run_step(passk, {"samples_files": list(compared.values()), "labels": list(compared),
-                             "bootstrap": first.bootstrap, "results_dir": str(fresh["results"]),
+                             "bootstrap": first.bootstrap, "passk_ks": first.passk_ks,
+                             "results_dir": str(fresh["results"]),
                              "figures_dir": str(fresh["figures"]), "live_widgets": False}, execute):
+            from .sync import replace_folder  # imports transformers: kept out of the CLI's error path
+
             for name, path in fresh.items():
-                _replace_folder(path, folder / name)
+                replace_folder(path, folder / name)
         else:
             for path in fresh.values():
                 shutil.rmtree(path, ignore_errors=True)

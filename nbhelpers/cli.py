@@ -118,7 +118,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(dry_run(cfg))
         return 0
-    from .trainer import train
+    from .training_run import train  # torch and TRL: only once the configuration is valid
 
     run_dir = train(cfg)
     print(f"run folder: {run_dir}")

@@ -21,9 +21,10 @@ class Methods:
 
 def load_methods(samples_files: Sequence[str] | None = None, results_files: Sequence[str] | None = None,
                  labels: Sequence[str] | None = None, *, bootstrap: int = 1000, seed: int = 0,
-                 results_dir: str | os.PathLike | None = None) -> Methods:
-    """Pass@k of each samples file (computed, and written to ``results_dir/<label>.json`` when given)
-    or each results file; labels default to the files' method names (samples: the file stems)."""
+                 results_dir: str | os.PathLike | None = None, ks: Sequence[int] | None = None) -> Methods:
+    """Pass@k of each samples file (computed at ``ks``, None: 1, 2, 4, ..., n, and written to
+    ``results_dir/<label>.json`` when given) or each results file (as computed); labels default to the files'
+    method names (samples: the file stems)."""
     from . import passk
 
     if bool(samples_files) == bool(results_files):
@@ -38,7 +39,8 @@ def load_methods(samples_files: Sequence[str] | None = None, results_files: Sequ
         methods = Methods(list(labels) if labels else [Path(f).stem for f in files], [])
         for label, path in zip(methods.labels, files):
             problems = passk.read_samples(path)
-            results = passk.passk_results(problems, label, bootstrap=bootstrap, seed=seed, source_samples=[path])
+            results = passk.passk_results(problems, label, bootstrap=bootstrap, seed=seed, source_samples=[path],
+                                          ks=ks)
             if results_dir is not None:
                 passk.write_results(results, Path(results_dir) / f"{label}.json")
             methods.results.append(results)
@@ -93,15 +95,17 @@ def baseline_label(methods: Methods, baseline: str | None) -> str:
     return "grpo" if "grpo" in methods.labels else methods.labels[0]
 
 
-def paired_comparisons(methods: Methods, baseline: str, *, bootstrap: int = 1000, seed: int = 0) -> str:
-    """Each method minus the baseline on the same problems (paired bootstrap), as text; needs samples."""
+def paired_comparisons(methods: Methods, baseline: str, *, bootstrap: int = 1000, seed: int = 0,
+                       ks: Sequence[int] | None = None) -> str:
+    """Each method minus the baseline on the same problems (paired bootstrap) at ``ks`` (None: 1, 2, 4, ..., n),
+    as text; needs samples."""
     from . import passk
 
     if not methods.problems:
         return "paired comparisons need samples files (results files hold no per-problem counts)"
     blocks = [passk.format_comparison(passk.compare_methods(
         methods.problems[label], methods.problems[baseline], method_a=label, method_b=baseline,
-        bootstrap=bootstrap, seed=seed)) for label in methods.labels if label != baseline]
+        bootstrap=bootstrap, seed=seed, ks=ks)) for label in methods.labels if label != baseline]
     return "\n\n".join(blocks) or f"only the baseline {baseline!r}: nothing to compare"
 
 

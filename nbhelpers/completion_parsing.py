@@ -1,6 +1,7 @@
 """Parsing of Chart-RVR completions: type, table, reasoning steps and answer.
 
-The model answers in this shape (see DESIGN.md, "The Chart-RVR output format and rewards"):
+The model answers in this shape (asked for by :data:`nbhelpers.data.SYSTEM_PROMPT`, scored by
+:mod:`nbhelpers.rewards`):
 
     <think>
     <type>bar</type>

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from .errors import InputError
+from .rewards import MAX_TOTAL_REWARD, REWARD_NAMES
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
@@ -30,7 +31,6 @@ LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo")
 CORRECTNESS_SOURCES = ("accuracy", "total")
 CISPO_EPSILON_HIGH = 5.0  # TRL's GRPOConfig docs: the recommended epsilon_high (ScaleRL's epsilon_max) for cispo
 EPSILON = 0.2  # TRL's default lower clipping bound, and its upper one when epsilon_high is unset
-MAX_TOTAL_REWARD = 11.25  # the seven Chart-RVR rewards' maxima with unit weights: 2+1+2.5+2+1+1.75+1
 FINETUNE_KINDS = ("lora", "full")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 ROLLOUT_ENGINES = ("auto", "stock", "fast", "vllm")
@@ -38,6 +38,7 @@ DEEPSPEED_CHOICES = ("none", "zero3", "auto")
 # TRL's importance-sampling modes (GRPOConfig.vllm_importance_sampling_mode), plus off
 IMPORTANCE_SAMPLING_MODES = ("off", "token_truncate", "sequence_truncate", "token_mask", "sequence_mask")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+REWARD_KEYS = tuple(name.removesuffix("_reward") for name in REWARD_NAMES)  # the names reward_weights takes
 
 
 class ConfigError(InputError):
@@ -53,7 +54,7 @@ class RunConfig:
     """Every knob of a chartrl run. Field docs are in each field's ``metadata['help']``."""
 
     # --- what to train -------------------------------------------------------------------
-    mode: str = _help("Objective: grpo, psr, nsr, w-reinforce or passk.", default="grpo")
+    mode: str = _help(f"Objective: {', '.join(MODES[:-1])} or {MODES[-1]}.", default="grpo")
     vlm_name: str = _help("Model registry name (tiny-pretrained, tiny-random, qwen2-5-3b, qwen2-5-7b, "
                           "qwen2-5-3b-random) or a local model folder.", default="tiny-pretrained")
     dataset_name: str = _help("Training dataset registry name (synthetic, chart-rvr-train, ...).",
@@ -96,13 +97,12 @@ class RunConfig:
                          "advantages; k = 1 is GRPO on the 0/1 correctness reward.", default=4)
     reward_threshold: float = _help(
         "A sample is correct when this is <= its accuracy reward (0 or 1; correctness_from: accuracy) or its "
-        "weighted total reward (the sum of the seven rewards times their weights, 0 to "
+        "weighted total reward (the sum of the rewards times their weights, 0 to "
         f"{MAX_TOTAL_REWARD} with unit weights, about 10 for a well-formed wrong answer; correctness_from: "
         "total, which has no default: set it explicitly).", default=0.5)
     correctness_from: str = _help("accuracy: threshold the accuracy reward; total: the weighted total.",
                                   default="accuracy")
-    reward_weights: dict = _help("Weight per reward name (format, accuracy, length_think, count, "
-                                 "chart_type, table_style, process_style); missing names weigh 1.0.",
+    reward_weights: dict = _help(f"Weight per reward name ({', '.join(REWARD_KEYS)}); missing names weigh 1.0.",
                                  default_factory=dict)
     length_window: list = _help("[min, max] words of the reasoning steps for the length reward.",
                                 default_factory=lambda: [20, 300])
@@ -168,7 +168,8 @@ class RunConfig:
     sample_top_p: float = _help("Top-p for Pass@k sampling, in (0, 1].", default=0.95)
     sample_max_new_tokens: int = _help("Maximum new tokens per sample.", default=768)
     sample_chunk_size: int = _help("Samples generated at once per problem (halved on OOM).", default=64)
-    passk_ks: list | None = _help("k values for Pass@k (None: 1, 2, 4, ..., n_samples).", default=None)
+    passk_ks: list | None = _help("k values for Pass@k in 30_passk and a batch's comparison (None: 1, 2, 4, ..., "
+                                  "n_samples).", default=None)
     bootstrap: int = _help("Bootstrap resamples for 95% intervals.", default=1000)
 
     # ------------------------------------------------------------------------------------
@@ -471,10 +472,9 @@ def validate(cfg: RunConfig, sources: dict[str, str] | None = None) -> None:
     if len(cfg.length_window) != 2 or not all(isinstance(v, (int, float)) for v in cfg.length_window) \
             or not 0 <= cfg.length_window[0] <= cfg.length_window[1]:
         fail("length_window", f"must be [min, max] words with 0 <= min <= max, got {cfg.length_window}")
-    reward_names = ("format", "accuracy", "length_think", "count", "chart_type", "table_style", "process_style")
     for name, weight in cfg.reward_weights.items():
-        if name.removesuffix("_reward") not in reward_names:
-            fail("reward_weights", f"has unknown reward '{name}' (known: {', '.join(reward_names)})")
+        if name.removesuffix("_reward") not in REWARD_KEYS:
+            fail("reward_weights", f"has unknown reward '{name}' (known: {', '.join(REWARD_KEYS)})")
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
             fail("reward_weights", f"weight of '{name}' must be a finite number, got {weight!r}")
     if not cfg.lora_target_modules and cfg.finetune == "lora":
@@ -496,14 +496,6 @@ def resolved_epsilon_high(cfg: RunConfig) -> float:
     if cfg.epsilon_high is not None:
         return cfg.epsilon_high
     return CISPO_EPSILON_HIGH if cfg.loss_type == "cispo" else EPSILON
-
-
-def passk_ks(cfg: RunConfig) -> list[int]:
-    """The k values of Pass@k: configured, or 1, 2, 4, ... up to n_samples (and n_samples itself)."""
-    if cfg.passk_ks:
-        return sorted(set(cfg.passk_ks))
-    ks = [2 ** i for i in range(int(math.log2(cfg.n_samples)) + 1)]
-    return ks if ks[-1] == cfg.n_samples else ks + [cfg.n_samples]
 
 
 def save_resolved_config(cfg: RunConfig, folder: str | Path, name: str = "config.yaml",

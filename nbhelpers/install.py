@@ -22,9 +22,10 @@ REQUIRED_MODULES = {
     "tensorboard": "tensorboard", "yaml": "pyyaml", "tqdm": "tqdm", "numpy": "numpy", "pandas": "pandas",
     "matplotlib": "matplotlib", "PIL": "pillow", "papermill": "papermill", "ipywidgets": "ipywidgets",
 }
-PACKAGE_MODULES = ("config", "registry", "platform", "models", "data", "rewards", "objectives", "trainer", "sync",
-                   "sampling", "passk", "plots", "widgets", "monitor", "launch", "runtime", "drive", "params",
-                   "sampling_setup", "comparison", "model_card", "provenance")
+PACKAGE_MODULES = ("config", "registry", "platform", "models", "data", "rewards", "objectives", "trainer",
+                   "training_callbacks", "training_setup", "training_run", "sync", "sampling", "passk", "plots",
+                   "widgets", "monitor", "launch", "runtime", "drive", "params", "sampling_setup", "comparison",
+                   "model_card", "provenance")
 
 
 def install_command(requirements: Path = REQUIREMENTS_FILE) -> list[str]:

@@ -1,6 +1,6 @@
 """Training from a notebook on one or several devices.
 
-One process trains in the notebook's own kernel (:func:`nbhelpers.trainer.train`). Several
+One process trains in the notebook's own kernel (:func:`nbhelpers.training_run.train`). Several
 processes (Kaggle's two T4s) need ``accelerate launch``: the resolved configuration is written to
 ``<run>/launch-params.yaml`` and ``accelerate launch --config_file <shipped config> --num_processes N
 -m nbhelpers train --params <run>/launch-params.yaml`` runs as a subprocess whose output is streamed
@@ -22,6 +22,7 @@ import yaml
 
 from .config import REPO_ROOT, RunConfig
 from .platform import accelerate_config_path, resolve_deepspeed
+from .provenance import check_run_identity
 
 LAUNCH_PARAMS = "launch-params.yaml"
 LAUNCH_LOG = "launch.log"
@@ -99,8 +100,6 @@ def _stop(process: subprocess.Popen) -> None:
 def launch_training(cfg: RunConfig, run: Callable[..., int] = run_streaming) -> Path:
     """Train ``cfg`` with ``accelerate launch`` over ``cfg.num_processes`` processes; returns the run
     folder. Raises LaunchError when the launch fails (the log stays in the run folder)."""
-    from .trainer import check_run_identity
-
     check_run_identity(cfg)  # a refused run writes nothing into an earlier run's folder
     run_dir = cfg.run_dir()
     params = write_launch_params(cfg, run_dir)
@@ -119,6 +118,6 @@ def train(cfg: RunConfig) -> Path:
     """Train in this process on one device, through ``accelerate launch`` on several; returns the run folder."""
     if cfg.num_processes > 1:
         return launch_training(cfg)
-    from .trainer import train as train_in_process
+    from .training_run import train as train_in_process  # torch and TRL: only when training in this process
 
     return train_in_process(cfg)

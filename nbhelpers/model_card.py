@@ -8,34 +8,17 @@ the run still says what the weights are.
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import yaml
 
 from .config import RunConfig, training_fingerprint, training_settings
-
-MODE_DESCRIPTIONS = {
-    "grpo": "GRPO: every sample enters the loss with its group-normalised reward as advantage (TRL's GRPO loss)",
-    "psr": "PSR (positive sample reinforcement): only correct samples enter the loss, with advantage +1",
-    "nsr": "NSR (negative sample reinforcement): only incorrect samples enter the loss, with advantage -1",
-    "w-reinforce": "W-REINFORCE: correct samples with advantage +lambda_psr, incorrect ones with -1",
-    "passk": "Pass@k Training with k = {passk_k}: every sample enters the loss with the closed-form advantage of "
-             "its group's mean Pass@k over all k-subsets (computed from the group's numbers of correct and "
-             "incorrect samples)",
-}
-MODE_REFERENCES = {
-    "grpo": "Shao et al. 2024, DeepSeekMath (arXiv 2402.03300)",
-    "psr": "Zhu et al. 2025, The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning "
-           "(arXiv 2506.01347)",
-}
-MODE_REFERENCES["nsr"] = MODE_REFERENCES["w-reinforce"] = MODE_REFERENCES["psr"]
-MODE_REFERENCES["passk"] = ("Chen et al. 2025, Pass@k Training for Adaptively Balancing Exploration and Exploitation "
-                            "of Large Reasoning Models (arXiv 2508.10751)")
-
+from .models import resolve_model
+from .objectives import MODE_DESCRIPTIONS, MODE_REFERENCES
 
 def base_model_line(vlm_name: str) -> tuple[str | None, str]:
     """(Hub id or None, a Markdown phrase naming the base model): a Hub link only for a Hub model."""
-    from .models import resolve_model
-
     try:
         kind, location = resolve_model(vlm_name)
     except ValueError:
@@ -65,3 +48,10 @@ def model_card(cfg: RunConfig) -> str:
             f"## Training settings\n\nEvery key that changes the trained weights (fingerprint "
             f"`{training_fingerprint(cfg)}`); `config.yaml` in the run folder has the whole configuration.\n\n"
             f"| key | value |\n|---|---|\n{settings}\n")
+
+
+def write_model_card(card: str, folder: str | os.PathLike) -> Path:
+    """``folder/README.md`` holding ``card`` (the text of :func:`model_card`); returns its path."""
+    path = Path(folder) / "README.md"
+    path.write_text(card, encoding="utf-8")
+    return path

@@ -24,6 +24,25 @@ from .config import MODES
 
 GRPO_STD_EPS = 1e-4  # TRL's epsilon in (R - mean) / (std + eps)
 
+# What a run's model card says of its mode, and the paper behind it.
+MODE_DESCRIPTIONS = {
+    "grpo": "GRPO: every sample enters the loss with its group-normalised reward as advantage (TRL's GRPO loss)",
+    "psr": "PSR (positive sample reinforcement): only correct samples enter the loss, with advantage +1",
+    "nsr": "NSR (negative sample reinforcement): only incorrect samples enter the loss, with advantage -1",
+    "w-reinforce": "W-REINFORCE: correct samples with advantage +lambda_psr, incorrect ones with -1",
+    "passk": "Pass@k Training with k = {passk_k}: every sample enters the loss with the closed-form advantage of "
+             "its group's mean Pass@k over all k-subsets (computed from the group's numbers of correct and "
+             "incorrect samples)",
+}
+MODE_REFERENCES = {
+    "grpo": "Shao et al. 2024, DeepSeekMath (arXiv 2402.03300)",
+    "psr": "Zhu et al. 2025, The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning "
+           "(arXiv 2506.01347)",
+}
+MODE_REFERENCES["nsr"] = MODE_REFERENCES["w-reinforce"] = MODE_REFERENCES["psr"]
+MODE_REFERENCES["passk"] = ("Chen et al. 2025, Pass@k Training for Adaptively Balancing Exploration and Exploitation "
+                            "of Large Reasoning Models (arXiv 2508.10751)")
+
 
 def _check_inputs(mode: str, rewards: torch.Tensor, correct: torch.Tensor, num_generations: int) -> None:
     if mode not in MODES:
@@ -104,6 +123,21 @@ def compute_advantages(mode: str, rewards: torch.Tensor, correct: torch.Tensor, 
         raise ValueError(f"lambda_psr must be in (0, 1], got {lambda_psr}")
     advantages = torch.where(correct, torch.full_like(rewards, lambda_psr), torch.full_like(rewards, -1.0))
     return advantages, torch.ones_like(correct)
+
+
+def correctness(rewards_per_func: torch.Tensor, weights: torch.Tensor, threshold: float,
+                accuracy_column: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weighted total reward, correctness bit) per sample, the bits being the c_i of the objectives.
+
+    ``rewards_per_func`` is (samples, functions), NaN where a function gave no value; ``weights`` one per function.
+    The total is the weighted sum with NaN left out. A sample is correct when ``threshold`` <= its reward in
+    column ``accuracy_column`` (correctness_from accuracy; NaN counts as 0), or, with ``accuracy_column`` None
+    (correctness_from total), <= its total.
+    """
+    total = (rewards_per_func * weights.to(rewards_per_func.device).unsqueeze(0)).nansum(dim=1)
+    if accuracy_column is None:
+        return total, total >= threshold
+    return total, torch.nan_to_num(rewards_per_func[:, accuracy_column], nan=0.0) >= threshold
 
 
 def mode_statistics(mode: str, correct: torch.Tensor, keep: torch.Tensor, rewards: torch.Tensor) -> dict[str, float]:

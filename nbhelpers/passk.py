@@ -112,6 +112,17 @@ def k_values(n: int) -> list[int]:
     return ks if ks[-1] == n else ks + [n]
 
 
+def selected_k_values(n: int, ks: Sequence[int] | None = None) -> list[int]:
+    """The k evaluated for up to n samples: ``ks`` (the ``passk_ks`` key; sorted, duplicates dropped) when given,
+    else :func:`k_values`. Raises ValueError naming the k that are not integers in [1, n]."""
+    if not ks:
+        return k_values(n)
+    bad = [k for k in ks if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n]
+    if bad:
+        raise ValueError(f"k values {bad} are not integers in [1, n = {n}]")
+    return sorted(set(int(k) for k in ks))
+
+
 # ---------------------------------------------------------------------------------------------
 # Samples files
 
@@ -314,9 +325,10 @@ def write_compact_samples(path: str | os.PathLike, samples: str | os.PathLike | 
     return path
 
 
-def _check_problem_set(problems: Sequence[ProblemCounts], allow_mixed_n: bool) -> tuple[list[int], dict]:
-    """Check a problem set (no duplicates; one n unless allowed); return the k values and, for
-    mixed n, what was dropped."""
+def _check_problem_set(problems: Sequence[ProblemCounts], allow_mixed_n: bool,
+                       ks: Sequence[int] | None = None) -> tuple[list[int], dict]:
+    """Check a problem set (no duplicates; one n unless allowed); return the k values (``ks``, else 1, 2, 4, ...,
+    n; :func:`selected_k_values`) and, for mixed n, what was dropped."""
     if not problems:
         raise ValueError("no problems to evaluate")
     first_seen: dict[tuple[str, str], ProblemCounts] = {}
@@ -326,16 +338,18 @@ def _check_problem_set(problems: Sequence[ProblemCounts], allow_mixed_n: bool) -
                              f"(first at {first_seen[problem.key].source})")
         first_seen[problem.key] = problem
     ns = sorted({problem.n for problem in problems})
+    all_ks = selected_k_values(ns[-1], ks)
     if len(ns) == 1:
-        return k_values(ns[0]), {}
+        return all_ks, {}
     if not allow_mixed_n:
         reference, other = problems[0], next(p for p in problems if p.n != problems[0].n)
         raise ValueError(f"{other.source}: problem {other.dataset}/{other.id} has n={other.n} samples "
                          f"but {reference.source} has n={reference.n}; problems with different n "
                          f"need allow_mixed_n=True (--allow-mixed-n)")
-    all_ks = k_values(ns[-1])
-    return [k for k in all_ks if k <= ns[0]], {
-        "n_values": ns, "dropped_k": [k for k in all_ks if k > ns[0]]}
+    kept = [k for k in all_ks if k <= ns[0]]
+    if not kept:
+        raise ValueError(f"no k value of {all_ks} is at most the smallest n = {ns[0]}")
+    return kept, {"n_values": ns, "dropped_k": [k for k in all_ks if k > ns[0]]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,12 +533,12 @@ def chance_floor_meta(problems: Sequence[ProblemCounts], bootstrap: int, seed: i
 
 def passk_results(problems: Sequence[ProblemCounts], method: str, *, bootstrap: int = 1000,
                   seed: int = 0, allow_mixed_n: bool = False,
-                  source_samples: Iterable[str | os.PathLike] = ()) -> dict:
+                  source_samples: Iterable[str | os.PathLike] = (), ks: Sequence[int] | None = None) -> dict:
     """Results dict (the results-file format) for one method: Pass@k with 95% bootstrap
-    intervals overall and per dataset (meta.per_dataset), and the chance floor beside it (when every
-    problem has its extracted answers, as problems read from samples files do; else meta.chance_floor
-    says why not). n_samples is the smallest n."""
-    ks, mixed_n = _check_problem_set(problems, allow_mixed_n)
+    intervals overall and per dataset (meta.per_dataset), at ``ks`` (None: 1, 2, 4, ..., n), and the chance
+    floor beside it (when every problem has its extracted answers, as problems read from samples files do; else
+    meta.chance_floor says why not). n_samples is the smallest n."""
+    ks, mixed_n = _check_problem_set(problems, allow_mixed_n, ks)
     values = per_problem_pass_at_k(problems, ks)
     floor = None
     if all(len(problem.answers) == problem.n for problem in problems):
@@ -559,11 +573,12 @@ def passk_results(problems: Sequence[ProblemCounts], method: str, *, bootstrap: 
 
 def compare_methods(problems_a: Sequence[ProblemCounts], problems_b: Sequence[ProblemCounts], *,
                     method_a: str = "A", method_b: str = "B", bootstrap: int = 1000, seed: int = 0,
-                    allow_mixed_n: bool = False) -> dict:
+                    allow_mixed_n: bool = False, ks: Sequence[int] | None = None) -> dict:
     """Paired comparison on the same problems (matched by (dataset, id)): Pass@k of A minus B
-    per k (fractions in [-1, 1]) with a paired-bootstrap 95% interval, at the k both support."""
-    ks_a, _ = _check_problem_set(problems_a, allow_mixed_n)
-    ks_b, _ = _check_problem_set(problems_b, allow_mixed_n)
+    per k (fractions in [-1, 1]) with a paired-bootstrap 95% interval, at the k both support (of ``ks``,
+    None: 1, 2, 4, ..., n)."""
+    ks_a, _ = _check_problem_set(problems_a, allow_mixed_n, ks)
+    ks_b, _ = _check_problem_set(problems_b, allow_mixed_n, ks)
     by_key_b = {problem.key: problem for problem in problems_b}
     keys_a = {problem.key for problem in problems_a}
     only_a = sorted(keys_a - by_key_b.keys())
@@ -737,6 +752,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="accept problems with different numbers of samples (k above the smallest n is dropped)")
     parser.add_argument("--compare", nargs="+", type=Path, default=None, metavar="OTHER_SAMPLES",
                         help="samples file(s) of another method on the same problems: paired difference")
+    parser.add_argument("--ks", nargs="+", type=int, default=None, metavar="K",
+                        help="the k values (the passk_ks key; default: 1, 2, 4, ... up to n, and n)")
 
 
 def run_from_cli(args: argparse.Namespace) -> int:
@@ -744,11 +761,11 @@ def run_from_cli(args: argparse.Namespace) -> int:
     method = args.method_name or args.samples[0].stem
     problems = read_samples(args.samples)
     results = passk_results(problems, method, bootstrap=args.bootstrap, seed=args.seed,
-                            allow_mixed_n=args.allow_mixed_n, source_samples=args.samples)
+                            allow_mixed_n=args.allow_mixed_n, source_samples=args.samples, ks=args.ks)
     if args.compare:
         comparison = compare_methods(problems, read_samples(args.compare), method_a=method,
                                      method_b=args.compare[0].stem, bootstrap=args.bootstrap,
-                                     seed=args.seed, allow_mixed_n=args.allow_mixed_n)
+                                     seed=args.seed, allow_mixed_n=args.allow_mixed_n, ks=args.ks)
         comparison["source_samples_b"] = [str(path) for path in args.compare]
         results["meta"]["comparison"] = comparison
     write_results(results, args.out)

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from .config import RunConfig
+
 LAUNCH_CONFIG_DIR = Path(__file__).resolve().parent / "launch_configs"
 # Kaggle: the store is a folder of its own in /kaggle/working (kept by Save Version and by the Files
 # persistence setting), apart from the code clone /kaggle/working/chartrl; the platform file puts the local
@@ -75,6 +77,19 @@ def detect_platform_name(environ: Mapping[str, str] | None = None, colab_importa
     if "KAGGLE_KERNEL_RUN_TYPE" in env:
         return "kaggle"
     return "local"
+
+
+def persistent_store(cfg: RunConfig) -> Path | None:
+    """The run's folder in the persistent store: ``<persistent_root>/<run name>``, ``persistent_root`` auto being
+    this platform's store (:data:`PERSISTENT_ROOTS`); None when persistence is off."""
+    root = cfg.persistent_root
+    if root in (None, "none", ""):
+        return None
+    if root == "auto":
+        root = PERSISTENT_ROOTS[detect_platform_name()]
+        if root is None:
+            return None
+    return Path(root) / cfg.resolved_run_name()
 
 
 def detect_gpus() -> list[GPUInfo]:

@@ -2,7 +2,8 @@
 
 * A run folder's ``config.yaml`` records the configuration of the model it holds. A request whose
   training-relevant keys (:data:`nbhelpers.config.TRAINING_KEYS`) differ is refused with one line naming
-  the keys, unless it sets ``resume_changed_config``. A folder that holds no model yet (no checkpoint,
+  the keys, unless it sets ``resume_changed_config``; :func:`check_run_identity` checks the run folder and
+  its persistent-store folder. A folder that holds no model yet (no checkpoint,
   no ``final/``) is free: a failed first attempt never blocks a corrected one.
 * A samples file's ``<stem>.config.yaml`` records its provenance (:data:`SAMPLES_PROVENANCE_FIELDS`);
   an existing file is resumed only when the request has the same provenance.
@@ -18,13 +19,18 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import TRAINING_KEYS, ConfigError, RunConfig, _coerce, read_yaml_file
+from .platform import persistent_store
 
 RUN_CONFIG_NAME = "config.yaml"
-# Fields of a samples file's provenance: the model (registry name or folder) and the checkpoint sampled
-# (absolute path, None for the base model), the sampling seed and settings, the problems' dataset and
-# split, the image pixel budget, and the correctness threshold the ``correct`` lists were judged with.
-SAMPLES_PROVENANCE_FIELDS = ("model", "checkpoint", "seed", "n", "temperature", "top_p", "max_new_tokens",
-                             "dataset", "split", "max_pixels", "reward_threshold")
+# Each field of a samples file's provenance and the RunConfig key it records: the model (registry name or
+# folder) and the checkpoint sampled (None here: an absolute path, None for the base model), the sampling seed
+# and settings, the problems' dataset and split, the image pixel budget, and the correctness threshold the
+# ``correct`` lists were judged with. Sampling reads its settings under these names too.
+SAMPLES_PROVENANCE_KEYS = {"model": "vlm_name", "checkpoint": None, "seed": "seed", "n": "n_samples",
+                           "temperature": "sample_temperature", "top_p": "sample_top_p",
+                           "max_new_tokens": "sample_max_new_tokens", "dataset": "eval_dataset", "split": "eval_split",
+                           "max_pixels": "eval_max_pixels", "reward_threshold": "reward_threshold"}
+SAMPLES_PROVENANCE_FIELDS = tuple(SAMPLES_PROVENANCE_KEYS)
 _MISSING = "(not recorded)"
 
 
@@ -99,6 +105,15 @@ def check_run_folder(cfg: RunConfig, folder: str | os.PathLike, where: str = "ru
                               f"({describe_differences(differences)}): {how}")
 
 
+def check_run_identity(cfg: RunConfig) -> None:
+    """Refuse (ProvenanceError, one line) when the run folder, or its persistent-store folder, holds a model
+    trained with other training-relevant settings; nothing is read or written beyond the two config.yaml."""
+    check_run_folder(cfg, cfg.run_dir())
+    store = persistent_store(cfg)
+    if store is not None:
+        check_run_folder(cfg, store, where="persistent store folder")
+
+
 # ------------------------------------------------------------------------------------------ samples files
 def samples_record_path(samples_file: str | os.PathLike) -> Path:
     """``<folder>/<stem>.config.yaml``, the record beside a samples file."""
@@ -108,10 +123,8 @@ def samples_record_path(samples_file: str | os.PathLike) -> Path:
 
 def samples_provenance(cfg: RunConfig, checkpoint: str | os.PathLike | None) -> dict[str, Any]:
     """The provenance of samples drawn with ``cfg`` from ``checkpoint`` (None: the base model)."""
-    return {"model": cfg.vlm_name, "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
-            "seed": cfg.seed, "n": cfg.n_samples, "temperature": cfg.sample_temperature, "top_p": cfg.sample_top_p,
-            "max_new_tokens": cfg.sample_max_new_tokens, "dataset": cfg.eval_dataset, "split": cfg.eval_split,
-            "max_pixels": cfg.eval_max_pixels, "reward_threshold": cfg.reward_threshold}
+    sampled = None if checkpoint is None else str(Path(checkpoint).resolve())
+    return {name: sampled if key is None else getattr(cfg, key) for name, key in SAMPLES_PROVENANCE_KEYS.items()}
 
 
 def _has_records(samples_file: Path) -> bool:
@@ -148,6 +161,6 @@ def check_samples_file(samples_file: str | os.PathLike, requested: Mapping[str, 
     return True
 
 
-__all__ = ["ProvenanceError", "SAMPLES_PROVENANCE_FIELDS", "check_run_folder", "check_samples_file",
-           "describe_differences", "differing_fields", "holds_model", "run_differences", "samples_provenance",
-           "samples_record_path"]
+__all__ = ["ProvenanceError", "SAMPLES_PROVENANCE_FIELDS", "SAMPLES_PROVENANCE_KEYS", "check_run_folder",
+           "check_run_identity", "check_samples_file", "describe_differences", "differing_fields", "holds_model",
+           "run_differences", "samples_provenance", "samples_record_path"]

@@ -17,7 +17,9 @@ scores 0). A completion is a string or TRL's chat form `[{"role": "assistant", "
 
 Rewards needing a gold column (answer, chart_type, table, reasoning) score 0 for rows where
 it is None or absent, and say so once in the log. Weights are applied by TRL
-(`GRPOConfig(reward_weights=reward_weights(settings))`).
+(`GRPOConfig(reward_weights=reward_weights(settings))`). Each reward is one `Reward` record in
+`REWARDS` (name, maximum, console label, gold column, scorer); `REWARD_NAMES`, `REWARD_MAXIMA`,
+`MAX_TOTAL_REWARD` and the configuration's reward names derive from it.
 """
 
 from __future__ import annotations
@@ -45,27 +47,6 @@ from .completion_parsing import (
 
 logger = logging.getLogger(__name__)
 
-REWARD_NAMES = (
-    "format_reward",
-    "accuracy_reward",
-    "length_think_reward",
-    "count_reward",
-    "chart_type_reward",
-    "table_style_reward",
-    "process_style_reward",
-)
-
-REWARD_MAXIMA = {
-    "format_reward": 2.0,
-    "accuracy_reward": 1.0,
-    "length_think_reward": 2.5,
-    "count_reward": 2.0,
-    "chart_type_reward": 1.0,
-    "table_style_reward": 1.75,
-    "process_style_reward": 1.0,
-}
-"""Largest value of each reward (every reward's smallest value is 0)."""
-
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 """The sentence encoder of the original Chart-RVR code; used only if already on local disk."""
 
@@ -77,23 +58,6 @@ penalising rambling. (The original used 70..250 characters of the whole think bl
 included, i.e. about 12..45 words, which a table alone could fill.)"""
 
 STEP_BONUS, STEP_BONUS_CAP = 0.25, 1.5
-
-_CONSOLE_LABELS = {
-    "format_reward": "Format rewards",
-    "accuracy_reward": "Rewards Accuracy",
-    "length_think_reward": "Length Rewards",
-    "count_reward": "Count rewards",
-    "chart_type_reward": "Graph Type Rewards",
-    "table_style_reward": "Table style rewards",
-    "process_style_reward": "Process Style Rewards",
-}
-
-_GOLD_COLUMN = {
-    "accuracy_reward": "answer",
-    "chart_type_reward": "chart_type",
-    "table_style_reward": "table",
-    "process_style_reward": "reasoning",
-}
 
 _already_logged: set[str] = set()
 
@@ -467,9 +431,9 @@ def _column(values: Any, size: int) -> list[Any]:
     return list(values[:size]) + [None] * (size - len(values))
 
 
-def _finite_in_range(value: float, name: str) -> float:
-    """`value` clipped to [0, REWARD_MAXIMA[name]]; a non-finite value becomes 0."""
-    return min(max(float(value), 0.0), REWARD_MAXIMA[name]) if math.isfinite(value) else 0.0
+def _finite_in_range(value: float, maximum: float) -> float:
+    """`value` clipped to [0, maximum]; a non-finite value becomes 0."""
+    return min(max(float(value), 0.0), maximum) if math.isfinite(value) else 0.0
 
 
 class RewardFunction:
@@ -480,7 +444,7 @@ class RewardFunction:
     """
 
     def __init__(self, name: str, settings: RewardSettings | None = None, encoder: SentenceEncoder | None = None):
-        if name not in REWARD_NAMES:
+        if name not in REWARDS:
             raise ValueError(f"unknown reward name {name!r}; expected one of {list(REWARD_NAMES)}")
         self.__name__ = self.__qualname__ = name
         self.settings = settings if settings is not None else RewardSettings()
@@ -489,10 +453,14 @@ class RewardFunction:
     def __repr__(self) -> str:
         return f"RewardFunction({self.__name__!r})"
 
+    @property
+    def reward(self) -> Reward:
+        """This reward's record (looked up by name, so the function pickles without its scorer)."""
+        return REWARDS[self.__name__]
+
     def __call__(self, completions: Sequence[Any] | None = None, **columns: Any) -> list[float]:
-        name = self.__name__
+        name, gold_column = self.__name__, self.reward.gold_column
         texts = [completion_text(completion) for completion in (completions or [])]
-        gold_column = _GOLD_COLUMN.get(name)
         golds = _column(columns.get(gold_column), len(texts)) if gold_column else [None] * len(texts)
         if gold_column and any(gold is None for gold in golds):
             _log_once(
@@ -500,40 +468,69 @@ class RewardFunction:
                 f"{name}: gold column {gold_column!r} is absent or None for some rows; the parts "
                 "of this reward that need it score 0 there.",
             )
-        if name == "process_style_reward":
-            encoder = self.encoder if self.encoder is not None else load_sentence_encoder(self.settings.embedding_model)
-            raw = process_style_scores(texts, golds, encoder)
+        if self.reward.score_batch is not None:
+            raw = self.reward.score_batch(texts, golds, self)
         else:
             raw = [self._score_one(text, gold) for text, gold in zip(texts, golds)]
-        rewards = [_finite_in_range(value, name) for value in raw]
+        rewards = [_finite_in_range(value, self.reward.maximum) for value in raw]
         if self.settings.verbose:
-            print(f"{_CONSOLE_LABELS[name]}: {rewards}")
+            print(f"{self.reward.label}: {rewards}")
         return rewards
+
+    def sentence_encoder(self) -> SentenceEncoder | None:
+        """The injected encoder, else the settings' embedding model (:func:`load_sentence_encoder`)."""
+        return self.encoder if self.encoder is not None else load_sentence_encoder(self.settings.embedding_model)
 
     def _score_one(self, text: str, gold: Any) -> float:
         """This reward for one completion; 0 (logged once per error type) if scoring fails."""
         try:
-            return _SCORERS[self.__name__](text, gold, self.settings)
+            return self.reward.score(text, gold, self.settings)
         except Exception as error:
             _log_once(f"{self.__name__}:{type(error).__name__}", f"{self.__name__} scored 0 after {error!r}")
             return 0.0
 
 
-_SCORERS: dict[str, Callable[[str, Any, RewardSettings], float]] = {
-    "format_reward": lambda text, gold, settings: format_score(text),
-    "accuracy_reward": lambda text, gold, settings: accuracy_score(text, gold),
-    "length_think_reward": lambda text, gold, settings: length_think_score(text, settings.length_window_words),
-    "count_reward": lambda text, gold, settings: count_score(text),
-    "chart_type_reward": lambda text, gold, settings: chart_type_score(text, gold),
-    "table_style_reward": lambda text, gold, settings: table_style_score(text, gold),
-}
-"""Per-completion scorer of each reward except process_style_reward (scored in batches)."""
+@dataclass(frozen=True)
+class Reward:
+    """One Chart-RVR reward: its name (TRL's, and the key of its weight), its largest value (its smallest is
+    0), its label in the ``verbose_rewards`` console lines, the dataset column holding its gold value (None:
+    it needs none), and its scorer: ``score(text, gold, settings)`` per completion, or ``score_batch(texts,
+    golds, reward_function)`` for a reward scored a batch at a time."""
+
+    name: str
+    maximum: float
+    label: str
+    gold_column: str | None
+    score: Callable[[str, Any, RewardSettings], float] | None = None
+    score_batch: Callable[[list[str], list[Any], RewardFunction], list[float]] | None = None
+
+
+REWARDS = {reward.name: reward for reward in (
+    Reward("format_reward", 2.0, "Format rewards", None, lambda text, gold, settings: format_score(text)),
+    Reward("accuracy_reward", 1.0, "Rewards Accuracy", "answer",
+           lambda text, gold, settings: accuracy_score(text, gold)),
+    Reward("length_think_reward", 1.0 + STEP_BONUS_CAP, "Length Rewards", None,
+           lambda text, gold, settings: length_think_score(text, settings.length_window_words)),
+    Reward("count_reward", 2.0, "Count rewards", None, lambda text, gold, settings: count_score(text)),
+    Reward("chart_type_reward", 1.0, "Graph Type Rewards", "chart_type",
+           lambda text, gold, settings: chart_type_score(text, gold)),
+    Reward("table_style_reward", 1.75, "Table style rewards", "table",
+           lambda text, gold, settings: table_style_score(text, gold)),
+    Reward("process_style_reward", 1.0, "Process Style Rewards", "reasoning",
+           score_batch=lambda texts, golds, function: process_style_scores(texts, golds, function.sentence_encoder())),
+)}
+"""Every reward, in the order TRL gets them; adding a reward is adding its record (and its scorer)."""
+REWARD_NAMES = tuple(REWARDS)
+REWARD_MAXIMA = {name: reward.maximum for name, reward in REWARDS.items()}
+"""Largest value of each reward (every reward's smallest value is 0)."""
+MAX_TOTAL_REWARD = sum(REWARD_MAXIMA.values())
+"""The weighted total's largest value with unit weights (11.25)."""
 
 
 def build_reward_funcs(
     settings: RewardSettings | None = None, encoder: SentenceEncoder | None = None
 ) -> list[RewardFunction]:
-    """The seven reward functions in order (REWARD_NAMES), ready for `GRPOTrainer(reward_funcs=...)`.
+    """The reward functions in order (REWARD_NAMES), ready for `GRPOTrainer(reward_funcs=...)`.
 
     `encoder` replaces the sentence-transformers model of process_style_reward (tests pass a
     small local stand-in).
@@ -542,23 +539,22 @@ def build_reward_funcs(
 
 
 def reward_weights(settings: RewardSettings | None = None) -> list[float]:
-    """The weights of the seven rewards in REWARD_NAMES order, for `GRPOConfig(reward_weights=...)`."""
+    """The weights of the rewards in REWARD_NAMES order, for `GRPOConfig(reward_weights=...)`."""
     settings = settings if settings is not None else RewardSettings()
     return [settings.weights[name] for name in REWARD_NAMES]
 
 
 REWARD_FUNCS = build_reward_funcs()
-"""The seven rewards with default settings, in order."""
+"""The rewards with default settings, in order."""
 
-(
-    format_reward,
-    accuracy_reward,
-    length_think_reward,
-    count_reward,
-    chart_type_reward,
-    table_style_reward,
-    process_style_reward,
-) = REWARD_FUNCS
+_DEFAULT_FUNCS = {function.__name__: function for function in REWARD_FUNCS}
+format_reward = _DEFAULT_FUNCS["format_reward"]
+accuracy_reward = _DEFAULT_FUNCS["accuracy_reward"]
+length_think_reward = _DEFAULT_FUNCS["length_think_reward"]
+count_reward = _DEFAULT_FUNCS["count_reward"]
+chart_type_reward = _DEFAULT_FUNCS["chart_type_reward"]
+table_style_reward = _DEFAULT_FUNCS["table_style_reward"]
+process_style_reward = _DEFAULT_FUNCS["process_style_reward"]
 
 
 def score_completions(
@@ -582,7 +578,7 @@ def total_reward(
     encoder: SentenceEncoder | None = None,
     **columns: Any,
 ) -> list[float]:
-    """The weighted sum of the seven rewards for each completion (weights from `settings`)."""
+    """The weighted sum of the rewards for each completion (weights from `settings`)."""
     settings = settings if settings is not None else RewardSettings()
     completions = list(completions or [])
     scores = score_completions(completions, settings=settings, encoder=encoder, **columns)
@@ -599,31 +595,7 @@ def is_correct(completion: Any, answer: Any, threshold: float = 0.5, exact_match
     """The correctness bit of one completion: accuracy_reward >= threshold (``exact_match``: the
     example's answer must match exactly, see `accuracy_score`).
 
-    Training (the objectives' c_i) and sampling both use this, so they agree.
+    Sampling uses this; training thresholds the accuracy reward in the same way
+    (`nbhelpers.objectives.correctness`), which is this score without the per-example exact match.
     """
     return accuracy_score(completion_text(completion), answer, exact_match) >= threshold
-
-
-def correctness(
-    completions: Sequence[Any],
-    answers: Sequence[Any],
-    rewards_total: Sequence[float] | None = None,
-    threshold: float = 0.5,
-    correctness_from: str = "accuracy",
-) -> list[bool]:
-    """Correctness bits of a batch: accuracy_reward >= threshold, or, with
-    `correctness_from="total"`, the weighted total reward `rewards_total[i] >= threshold`
-    (a NaN total is incorrect).
-    """
-    completions = list(completions)
-    if correctness_from == "accuracy":
-        answers = _column(list(answers), len(completions))
-        return [is_correct(completion, answer, threshold) for completion, answer in zip(completions, answers)]
-    if correctness_from == "total":
-        if rewards_total is None or len(rewards_total) != len(completions):
-            raise ValueError(
-                "correctness(correctness_from='total') needs rewards_total with one value per completion "
-                f"({len(completions)}), got {None if rewards_total is None else len(rewards_total)}"
-            )
-        return [float(total) >= threshold for total in rewards_total]
-    raise ValueError(f"correctness_from must be 'accuracy' or 'total', got {correctness_from!r}")

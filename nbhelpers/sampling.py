@@ -1,9 +1,10 @@
 """n samples per problem from a base model or checkpoint, written to a resumable samples file.
 
-Samples file: JSON Lines, one line per finished problem (format in DESIGN.md), appended and flushed
-as each problem completes. Rerunning the same command resumes: finished problems are skipped, a
-truncated last line (a crash mid-write) is cut off, nothing is duplicated. Each problem draws from
-its own seed (run seed + problem id), so a resumed run gives the same samples as an uninterrupted one.
+Samples file: JSON Lines, one line per finished problem (the format is in :mod:`nbhelpers.passk`, whose
+:func:`~nbhelpers.passk.read_samples` checks it), appended and flushed as each problem completes. Rerunning
+the same command resumes: finished problems are skipped, a truncated last line (a crash mid-write) is cut
+off, nothing is duplicated. Each problem draws from its own seed (run seed + problem id), so a resumed run
+gives the same samples as an uninterrupted one.
 With the fast rollout engine, problems are sampled together (continuous batching) and their lines come
 in the order the problems finish.
 """
@@ -117,7 +118,7 @@ def generate_in_chunks(model, prompt_inputs: dict[str, torch.Tensor], n: int, ch
                        max_new_tokens: int, temperature: float, top_p: float, eos_token_ids: list[int],
                        pad_token_id: int, seed: int, engine: str = "auto") -> list[list[int]]:
     """n completions (token ids, cut after the first EOS) in chunks; a CUDA OOM halves the chunk and retries."""
-    from .rollout import sample_completions
+    from .rollout import halved_after_oom, sample_completions
 
     device = next(model.parameters()).device
     prompt_inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in prompt_inputs.items()}
@@ -131,11 +132,8 @@ def generate_in_chunks(model, prompt_inputs: dict[str, torch.Tensor], n: int, ch
             completions += sample_completions(model, prompt_inputs, take, max_new_tokens=max_new_tokens,
                                               temperature=temperature, top_p=top_p, eos_token_ids=eos_token_ids,
                                               pad_token_id=pad_token_id, engine=engine, generator=generator)
-        except torch.cuda.OutOfMemoryError:
-            if chunk == 1:
-                raise
-            chunk = max(1, chunk // 2)
-            torch.cuda.empty_cache()
+        except torch.cuda.OutOfMemoryError as error:
+            chunk = halved_after_oom(chunk, error)
             log.warning("CUDA out of memory: sampling chunk halved to %d", chunk)
     return completions
 
@@ -191,9 +189,8 @@ def sample_to_file(cfg: RunConfig, out: str | Path, checkpoint: str | None = Non
                              extra={"provenance": requested})
     tokenizer = processor.tokenizer
     eos = _eos_ids(model, tokenizer)
-    meta_base = {"method": method or cfg.mode, "model": cfg.vlm_name, "checkpoint": checkpoint,
-                 "n": cfg.n_samples, "temperature": cfg.sample_temperature, "top_p": cfg.sample_top_p,
-                 "max_new_tokens": cfg.sample_max_new_tokens, "seed": cfg.seed}
+    meta_base = {"method": method or cfg.mode, "model": requested["model"], "checkpoint": checkpoint,
+                 **{name: requested[name] for name in ("n", "temperature", "top_p", "max_new_tokens", "seed")}}
     with SamplesWriter(out) as writer:
         todo = [i for i in range(len(examples))
                 if (examples[i]["dataset"], str(examples[i]["id"])) not in writer.done]
@@ -202,8 +199,8 @@ def sample_to_file(cfg: RunConfig, out: str | Path, checkpoint: str | None = Non
         started, drawn = time.monotonic(), 0
         problems = ((i, encode_prompt(processor, examples[i], cfg.eval_max_pixels),
                      problem_seed(cfg.seed, examples[i]["dataset"], str(examples[i]["id"]))) for i in todo)
-        settings = dict(max_new_tokens=cfg.sample_max_new_tokens, temperature=cfg.sample_temperature,
-                        top_p=cfg.sample_top_p, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id)
+        settings = {name: requested[name] for name in ("max_new_tokens", "temperature", "top_p")}
+        settings.update(eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id)
 
         def one_problem(inputs, seed):  # the stock path, one problem at a time
             return generate_in_chunks(model, inputs, cfg.n_samples, cfg.sample_chunk_size, seed=seed,

@@ -7,14 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import RunConfig
+from .platform import persistent_store
+from .sync import find_resume_checkpoint
 
 
 def resolve_checkpoint(cfg: RunConfig, checkpoint: str | None) -> str | None:
     """What to sample from: None -> the base model ``cfg.vlm_name``; "run" -> the run these parameters
     train (``<output_root>/<run name>``); a run folder -> its ``final`` model, else its newest complete
     checkpoint; any other folder -> itself. Raises FileNotFoundError naming the folder."""
-    from .sync import find_resume_checkpoint
-
     if checkpoint is None:
         return None
     folder = cfg.run_dir() if checkpoint == "run" else Path(checkpoint)
@@ -48,8 +48,6 @@ def sampling_plan(cfg: RunConfig, checkpoint: str | None, method: str | None = N
     for a trained checkpoint and to 'base' for the base model; the samples file defaults to
     ``<persistent store or .>/samples/<method>_<dataset>_n<n>.jsonl`` (on Colab/Kaggle it survives
     the VM like the checkpoints, so a rerun resumes it)."""
-    from .trainer import persistent_store
-
     source = resolve_checkpoint(cfg, checkpoint)
     method = method or (cfg.mode if source is not None else "base")
     if samples_path is None:

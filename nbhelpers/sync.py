@@ -7,8 +7,9 @@ listed size (and sha256 when asked). A persistent store folder (Google Drive on 
 ``/kaggle/working`` on Kaggle) receives copies made in a background thread: each copy is built in a
 hidden ``.partial-checkpoint-<step>-<random>/`` folder, gets its manifest last, and is then renamed
 to ``checkpoint-<step>``, so a process killed at any moment never leaves a folder that
-:func:`is_complete_checkpoint` accepts but that is not complete. The run's ``final/`` model gets a
-manifest too (its step is the run's last) and is copied the same way. :meth:`CheckpointSync.catch_up`,
+:func:`is_complete_checkpoint` accepts but that is not complete. The run's ``final/`` model is built the
+same way in its run folder (``.partial-final-<step>/``, then :func:`publish`), gets a manifest too (its step
+is the run's last) and is copied like a checkpoint. :meth:`CheckpointSync.catch_up`,
 called when training starts and when it ends, copies every complete local folder the store lacks and
 removes stale partial folders, so a copy cut short by a kill is finished by the next session.
 """
@@ -30,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.distributed
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,9 @@ MANIFEST_VERSION = 1
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 FINAL_NAME = "final"
 PARTIAL_PREFIX = ".partial-"
+# Files of a checkpoint that only resuming needs; the rest (weights, configs, processor) make up final/.
+RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin",
+                     MANIFEST_NAME, "scaler.pt")
 _MANIFEST_TEMP_PREFIX = "." + MANIFEST_NAME
 _CHUNK_BYTES = 16 * 1024 * 1024
 _HASH_THREADS = 8
@@ -214,6 +219,49 @@ def missing_from_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike)
 
 def _same_in_store(local: Path, stored: Path) -> bool:
     return checkpoint_problem(stored) is None and read_manifest(stored)["files"] == read_manifest(local)["files"]
+
+
+# ----------------------------------------------------------------------------- folders put in place
+
+
+def partial_folder(target: str | os.PathLike, tag: str | None = None) -> Path:
+    """``<parent>/.partial-<name>-<tag>``: where a folder is built before it replaces ``target``. ``tag`` defaults
+    to 8 random hex digits; give one that every process computes alike (e.g. the step) when several processes
+    write into the folder. Stale ones are removed by :func:`restore_newest` and :meth:`CheckpointSync.catch_up`."""
+    target = Path(target)
+    return target.with_name(f"{PARTIAL_PREFIX}{target.name}-{tag or secrets.token_hex(4)}")
+
+
+def replace_folder(new: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename the finished folder ``new`` to ``target``. An existing target is first moved aside to a partial
+    name and removed after the rename, so a crash at any moment leaves the old or the new folder whole (at worst
+    under a partial name, which the next clean-up removes)."""
+    new, target = Path(new), Path(target)
+    if target.exists():
+        aside = partial_folder(target.with_name(f"replaced-{target.name}"))
+        os.rename(target, aside)
+        os.rename(new, target)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(new, target)
+    _fsync_directory(target.parent)
+
+
+def publish(folder: str | os.PathLike, target: str | os.PathLike, step: int) -> Path:
+    """Give the finished folder ``folder`` (``final/`` being built) its manifest at ``step``, so it can be synced
+    and checked, and put it in place of ``target`` (:func:`replace_folder`); returns ``target``."""
+    write_manifest(folder, step=step)
+    replace_folder(folder, target)
+    return Path(target)
+
+
+def checkpoint_finished(checkpoint: str | os.PathLike, requested_max_steps: int = -1) -> bool:
+    """True when a checkpoint was saved at its run's last step (HF would train one step too many on resume)
+    and ``requested_max_steps`` (-1: the run's own) asks for no more."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    last = max(state.get("max_steps", 0), requested_max_steps)
+    return last > 0 and state["global_step"] >= last
+
 
 
 # ----------------------------------------------------------------------------- background sync
@@ -481,7 +529,7 @@ def _copy_checkpoint_atomically(source: Path, destination_root: Path) -> Path:
     if checkpoint_problem(target) is None and read_manifest(target)["files"] == manifest["files"]:
         logger.info("%s already holds an identical copy of %s", target, source)
         return target
-    partial = destination_root / f"{PARTIAL_PREFIX}{target.name}-{secrets.token_hex(4)}"
+    partial = partial_folder(target)
     with _ACTIVE_PARTIALS_LOCK:
         _ACTIVE_PARTIALS.add(partial)
     try:
@@ -497,24 +545,12 @@ def _copy_checkpoint_atomically(source: Path, destination_root: Path) -> Path:
                 )
             _fsync_directory(destination.parent)
         _write_json_atomically(partial / MANIFEST_NAME, manifest)
-        _replace_folder(partial, target)
+        replace_folder(partial, target)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
         with _ACTIVE_PARTIALS_LOCK:
             _ACTIVE_PARTIALS.discard(partial)
     return target
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an existing target is first moved aside to a partial name, then removed."""
-    if target.exists():
-        aside = target.with_name(f"{PARTIAL_PREFIX}replaced-{target.name}-{secrets.token_hex(4)}")
-        os.rename(target, aside)
-        os.rename(new, target)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.rename(new, target)
-    _fsync_directory(target.parent)
 
 
 def _remove_stale_partials(folder: Path) -> None:
@@ -536,8 +572,6 @@ def _prune(store: Path, keep_last: int) -> None:
 
 
 def _barrier_if_distributed() -> None:
-    import torch.distributed
-
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
 

@@ -1,6 +1,8 @@
-"""Training: TRL's GRPOTrainer with the five objectives, plus construction from a RunConfig.
+"""The training objective: TRL's GRPOTrainer with the five modes' advantages and loss.
 
-``ChartRLTrainer`` changes TRL by small overrides and copies none of its long methods:
+:mod:`nbhelpers.training_setup` builds a ``ChartRLTrainer`` from a RunConfig and :mod:`nbhelpers.training_run`
+runs it (resume, final/, persistence). ``ChartRLTrainer`` changes TRL by small overrides and copies none of its
+long methods:
 
 * ``_calculate_rewards`` keeps the gathered per-function rewards of the batch;
 * ``_generate_and_score_completions`` (after TRL's own) replaces the advantages with
@@ -21,8 +23,6 @@
   ``sampling/importance_sampling_ratio/*``); with the correction off, ``_compute_loss`` logs the same gap keys
   from the training forward (:func:`logprob_gap`). Stock ``generate`` returns no log-probabilities: the keys
   are then absent;
-* ``CollapseWarningCallback`` (added by ``build_trainer``) prints one line when :mod:`nbhelpers.collapse` finds
-  a policy collapse in the log;
 * ``log`` adds the process's peak GPU memory;
 * ``create_model_card`` writes the run's own card (:mod:`nbhelpers.model_card`).
 
@@ -31,26 +31,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
-import os
-import re
-import shutil
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
-from transformers.integrations import TensorBoardCallback
-from transformers.trainer_callback import ProgressCallback
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
+from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
 
-from .config import (ConfigError, RunConfig, estimate_training_steps, resolved_epsilon_high,
-                     save_resolved_config)
-from .objectives import compute_advantages, mode_statistics
+from .model_card import write_model_card
+from .objectives import compute_advantages, correctness, mode_statistics
+from .rollout import resolve_engine, trainer_generate, trainer_rollout_unavailable_reason
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +96,9 @@ class ChartRLTrainer(GRPOTrainer):
 
     def __init__(self, *args: Any, mode: str = "grpo", lambda_psr: float = 0.1, reward_threshold: float = 0.5,
                  correctness_from: str = "accuracy", rollout_engine: str = "stock", passk_k: int = 4,
-                 **kwargs: Any) -> None:
+                 model_card: str | None = None, **kwargs: Any) -> None:
+        """TRL's arguments, then the objective's settings (RunConfig's keys of the same names) and the run's
+        model card text (:func:`nbhelpers.model_card.model_card`; None: TRL's card)."""
         super().__init__(*args, **kwargs)
         # transformers 5's Trainer sets model.config.use_cache = args.use_cache (False) for training, and TRL's
         # generation config leaves use_cache unset, so stock generation would recompute every prefix token at
@@ -118,6 +111,7 @@ class ChartRLTrainer(GRPOTrainer):
         self.reward_threshold = reward_threshold
         self.correctness_from = correctness_from
         self.rollout_engine = rollout_engine
+        self.model_card_text = model_card
         self._fast_rollouts: bool | None = None  # decided at the first generation
         self._forward_logps: torch.Tensor | None = None  # the last _get_per_token_logps_and_entropies result
         self._skip_optimizer_step = False
@@ -134,31 +128,19 @@ class ChartRLTrainer(GRPOTrainer):
     # -- rollouts ------------------------------------------------------------------------------
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if self._use_fast_rollouts():
-            from .rollout import trainer_generate
-
-            return trainer_generate(self, prompt_ids, multimodal_fields, num_generations)
+            return trainer_generate(self, prompt_ids, multimodal_fields)
         return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
                                              has_tool_images)
 
     def _use_fast_rollouts(self) -> bool:
-        """auto: the fast engine where it can run (else stock, saying why once); fast: required; else stock.
-        auto falling back to stock with the importance-sampling correction on is an error (stock has no sampler
-        log-probabilities; RunConfig refuses rollout_engine stock with the correction before any work)."""
+        """Whether the fast engine generates, decided once (:func:`nbhelpers.rollout.resolve_engine`): auto uses it
+        where it can run (else stock, saying why once); fast requires it; auto falling back to stock with the
+        importance-sampling correction on is an error (stock has no sampler log-probabilities; RunConfig refuses
+        rollout_engine stock with the correction before any work)."""
         if self._fast_rollouts is None:
-            self._fast_rollouts = False
-            if self.rollout_engine in ("auto", "fast"):
-                from .rollout import trainer_rollout_unavailable_reason
-
-                reason = trainer_rollout_unavailable_reason(self)
-                if reason is not None and self.rollout_engine == "fast":
-                    raise RuntimeError(f"rollout_engine 'fast' cannot run here: {reason}")
-                if reason is not None and self.vllm_importance_sampling_correction:
-                    raise RuntimeError(f"importance_sampling_correction is on, but the fast rollout engine cannot "
-                                       f"run here ({reason}) and TRL's stock generate returns no sampler "
-                                       "log-probabilities; set importance_sampling_correction: off")
-                if reason is not None:
-                    log.warning("fast rollout engine off (%s); training uses TRL's generate", reason)
-                self._fast_rollouts = reason is None
+            self._fast_rollouts = resolve_engine(
+                self.rollout_engine, self, unavailable_reason=trainer_rollout_unavailable_reason,
+                needs_logprobs=self.vllm_importance_sampling_correction) == "fast"
         return self._fast_rollouts
 
     @property
@@ -199,20 +181,12 @@ class ChartRLTrainer(GRPOTrainer):
         self._last_rewards_per_func = rewards_per_func  # gathered over processes, (N_global, n_funcs)
         return rewards_per_func
 
-    def correctness(self, rewards_per_func: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weighted total reward, correctness bit) per sample, from the gathered rewards."""
-        weights = self.reward_weights.to(rewards_per_func.device)
-        total = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
-        if self.correctness_from == "total":
-            return total, total >= self.reward_threshold
-        accuracy = torch.nan_to_num(rewards_per_func[:, self.reward_func_names.index("accuracy_reward")], nan=0.0)
-        return total, accuracy >= self.reward_threshold
-
     def _generate_and_score_completions(self, inputs):
         output = super()._generate_and_score_completions(inputs)
         train = self.model.training
         num_generations = self.num_generations if train else self.num_generations_eval
-        total, correct = self.correctness(self._last_rewards_per_func)
+        accuracy = None if self.correctness_from == "total" else self.reward_func_names.index("accuracy_reward")
+        total, correct = correctness(self._last_rewards_per_func, self.reward_weights, self.reward_threshold, accuracy)
         advantages, keep = compute_advantages(self.mode, total, correct, num_generations, self.lambda_psr, self.passk_k)
         self._log_mode_statistics(correct, keep, total, train)
         if self.mode == "grpo":
@@ -296,15 +270,13 @@ class ChartRLTrainer(GRPOTrainer):
                                         default=0))
 
     # -- model card -----------------------------------------------------------------------------
-    run_config: RunConfig | None = None  # set by build_trainer; the model card describes this run
-
     def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
         """The run's own card (mode, base model, settings) in place of TRL's, which says GRPO for every mode
         and links any base model, local or offline, to a Hub page."""
-        if self.run_config is None:
+        if self.model_card_text is None:
             return super().create_model_card(model_name, dataset_name, tags)
         if self.is_world_process_zero():
-            write_model_card(self.run_config, Path(self.args.output_dir))
+            write_model_card(self.model_card_text, Path(self.args.output_dir))
 
     # -- logging ------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -358,8 +330,6 @@ def without_left_out_rows(batch: dict[str, Any], rows: int) -> dict[str, Any]:
 
 def select_rows(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
     """The rows ``index`` (1-D long tensor) of a TRL batch, images included; 0-dim values and None stay."""
-    from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid
-
     positions = index.tolist()
 
     def pick(value: Any) -> Any:
@@ -372,401 +342,5 @@ def select_rows(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
     return unsplit_pixel_values_by_grid({key: pick(value) for key, value in split_pixel_values_by_grid(batch).items()})
 
 
-def format_log_line(mode: str, step: int, max_steps: int, logs: dict[str, Any], seconds_per_step: float) -> str:
-    """One console line per logging step, e.g. ``NSR [step 10/40] loss 0.012 | reward 1.85 | accuracy 25% |
-    kept 0 correct + 3.5 incorrect per batch | 0% empty steps | 2.10 s/step, ETA 0:01:03``. Rewards and
-    kept counts are means over the logging window; missing values are left out."""
-    parts = []
-    if "loss" in logs:
-        parts.append(f"loss {logs['loss']:.4g}")
-    if "reward" in logs:
-        parts.append(f"reward {logs['reward']:.2f}")
-    if "mode/accuracy" in logs:
-        parts.append(f"accuracy {logs['mode/accuracy']:.0%}")
-    if "mode/kept_positive" in logs and "mode/kept_negative" in logs:
-        parts.append(f"kept {logs['mode/kept_positive']:.3g} correct + {logs['mode/kept_negative']:.3g} incorrect "
-                     "per batch")
-    if "mode/empty_step" in logs:
-        parts.append(f"{logs['mode/empty_step']:.0%} empty steps")
-    if logs.get(NONFINITE_KEY):
-        parts.append(f"{logs[NONFINITE_KEY]:.0f} non-finite steps skipped")
-    remaining = max(max_steps - step, 0) * seconds_per_step
-    parts.append(f"{seconds_per_step:.2f} s/step, ETA {_hms(remaining)}")
-    return f"{mode.upper()} [step {step}/{max_steps}] " + " | ".join(parts)
-
-
-class StepLineCallback(TrainerCallback):
-    """Prints the step range before training and :func:`format_log_line` at each logging step (once per
-    step: the end-of-training summary log at the same step prints nothing)."""
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self.start: float | None = None
-        self.start_step = 0
-        self.printed_step: int | None = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start, self.start_step = time.monotonic(), state.global_step
-        if state.is_world_process_zero:
-            print(f"Training: steps {state.global_step} -> {state.max_steps}", flush=True)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        done = state.global_step - self.start_step
-        if not state.is_world_process_zero or self.start is None or done <= 0 \
-                or state.global_step == self.printed_step or "train_runtime" in (logs or {}):
-            return
-        self.printed_step = state.global_step
-        per_step = (time.monotonic() - self.start) / done
-        from tqdm import tqdm  # writes above a running terminal bar instead of through it
-
-        tqdm.write(format_log_line(self.mode, state.global_step, state.max_steps, logs or {}, per_step))
-
-
-class CollapseWarningCallback(TrainerCallback):
-    """Prints one warning line, once per training session, when :func:`nbhelpers.collapse.detect_collapse` finds a
-    policy collapse in the log history (naming the step and the statistic)."""
-
-    def __init__(self) -> None:
-        self.warned = False
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        from .collapse import detect_collapse
-
-        if self.warned or not state.is_world_process_zero:
-            return
-        event = detect_collapse(state.log_history)
-        if event is not None:
-            self.warned = True
-            log.warning("%s", event.message())
-
-
-class TensorBoardNumbers(TensorBoardCallback):
-    """TensorBoard logging without the values TRL logs as None (a metric with no valid value in the
-    window, such as clip_ratio/low_min of a psr step with no kept token), which a scalar cannot hold."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        numbers = {key: value for key, value in (logs or {}).items() if value is not None}
-        return super().on_log(args, state, control, logs=numbers, **kwargs)
-
-
-class QuietProgressCallback(ProgressCallback):
-    """transformers' terminal progress bar without its raw log dict (StepLineCallback prints a readable line)."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        return None
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-# ------------------------------------------------------------------------------------------ construction
-def _report_to(cfg: RunConfig) -> list[str]:
-    loggers = [r for r in cfg.report_to if r not in ("none", "tensorboard")]
-    if "wandb" in loggers and not (os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in
-                                   ("offline", "disabled")):
-        log.warning("report_to has wandb but neither WANDB_API_KEY nor WANDB_MODE=offline is set: "
-                    "W&B logging is off for this run (it never prompts).")
-        loggers.remove("wandb")
-    return loggers
-
-
-def grpo_config(cfg: RunConfig, run_dir: Path, dtype: str, use_cpu: bool, deepspeed_file: str | None) -> GRPOConfig:
-    """The TRL GRPOConfig equivalent of a RunConfig."""
-    from .rewards import reward_weights
-
-    return GRPOConfig(
-        output_dir=str(run_dir), seed=cfg.seed, data_seed=cfg.seed,
-        full_determinism=cfg.full_determinism,
-        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
-        num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps, learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type, warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, loss_type=cfg.loss_type, beta=cfg.beta,
-        epsilon_high=resolved_epsilon_high(cfg),
-        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, reward_weights=reward_weights(reward_settings(cfg)),
-        logging_steps=cfg.logging_steps, save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
-        save_strategy="steps", report_to=_report_to(cfg), bf16=(dtype == "bf16"), fp16=(dtype == "fp16"),
-        activation_checkpointing=cfg.gradient_checkpointing, use_cpu=use_cpu, deepspeed=deepspeed_file,
-        remove_unused_columns=False, dataloader_num_workers=0, log_completions=False,
-        use_vllm=(cfg.rollout_engine == "vllm"),
-        disable_tqdm=False, **importance_sampling_settings(cfg),
-    )
-
-
-def importance_sampling_settings(cfg: RunConfig) -> dict[str, Any]:
-    """GRPOConfig's vllm_importance_sampling_* for ``importance_sampling_correction`` (TRL's default is on)."""
-    if cfg.importance_sampling_correction == "off":
-        return {"vllm_importance_sampling_correction": False}
-    return {"vllm_importance_sampling_correction": True,
-            "vllm_importance_sampling_mode": cfg.importance_sampling_correction,
-            "vllm_importance_sampling_clip_max": cfg.importance_sampling_cap}
-
-
-def _reward_weight_names(weights: dict) -> dict:
-    return {name if name.endswith("_reward") else f"{name}_reward": float(w) for name, w in weights.items()}
-
-
-def reward_settings(cfg: RunConfig):
-    """The rewards' settings (weights, length window, embedding model, verbosity) of a RunConfig."""
-    from .rewards import RewardSettings
-
-    return RewardSettings(weights=_reward_weight_names(cfg.reward_weights),
-                          length_window_words=tuple(int(v) for v in cfg.length_window),
-                          embedding_model=cfg.embedding_model, verbose=cfg.verbose_rewards)
-
-
-def build_reward_functions(cfg: RunConfig) -> list:
-    from .rewards import build_reward_funcs
-
-    return build_reward_funcs(reward_settings(cfg))
-
-
-def check_environment(cfg: RunConfig) -> None:
-    """Fail before any work when the configuration needs a package this machine lacks."""
-    if cfg.rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ConfigError("key 'rollout_engine' is vllm but the vllm package is not installed "
-                          "(pip install vllm, or use rollout_engine: auto)")
-
-
-def build_trainer(cfg: RunConfig, run_dir: Path | None = None, callbacks: list | None = None,
-                  model=None, processor=None, train_dataset=None) -> ChartRLTrainer:
-    """Everything a training run needs, from a validated configuration (model/data injectable for tests)."""
-    from accelerate import PartialState
-
-    from . import data, models
-    from .platform import resolve_training_path
-
-    check_environment(cfg)
-    path = resolve_training_path(cfg)
-    dtype = path.dtype
-    if PartialState().is_main_process:
-        print(path.line(), flush=True)
-    run_dir = Path(run_dir or cfg.run_dir())
-    if processor is None:
-        processor = models.load_processor(cfg.vlm_name, cfg.max_pixels)
-    processor.tokenizer.padding_side = "left"
-    if train_dataset is None:
-        options = {"drop_duplicates": True} if cfg.drop_duplicates else {}
-        examples = data.load_examples(cfg.dataset_name, data_dir=cfg.data_dir, subset_size=cfg.subset_size,
-                                      seed=cfg.seed, **options)
-        train_dataset = data.to_trl_dataset(examples, cfg.max_pixels)
-    if model is None:
-        # Random and shipped models are built straight on this process's GPU (seconds, not minutes of CPU
-        # init). They have no hub repository, so hub look-ups (PEFT checks the base model's files when
-        # saving) stay off.
-        random_model = models.resolve_model(cfg.vlm_name)[0] in ("random", "asset")
-        if random_model:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            # Offline, PEFT cannot look up the base model's config when saving an adapter and warns that it
-            # assumes an unchanged vocabulary; a random or shipped registry model has no hub config, and LoRA never
-            # resizes its vocabulary, so the assumption holds.
-            warnings.filterwarnings("ignore", category=UserWarning,
-                                    message=f"Could not find a config file in {re.escape(cfg.vlm_name)} ")
-        device = PartialState().device if random_model else "cpu"
-        model = models.load_model(cfg.vlm_name, models.torch_dtype(path.weights_dtype), device=device,
-                                  attn_implementation=cfg.attn_implementation)
-    peft_config = models.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules) \
-        if cfg.finetune == "lora" else None
-    use_cpu = not torch.cuda.is_available()
-    deepspeed_file = _in_process_deepspeed_file(path.deepspeed)
-    args = grpo_config(cfg, run_dir, dtype, use_cpu, deepspeed_file)
-    all_callbacks = [StepLineCallback(cfg.mode), CollapseWarningCallback(), *(callbacks or [])]
-    if "tensorboard" in cfg.report_to and PartialState().is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-
-        all_callbacks.append(TensorBoardNumbers(tb_writer=SummaryWriter(log_dir=str(run_dir / "logs"))))
-    trainer = ChartRLTrainer(
-        model=model, reward_funcs=build_reward_functions(cfg), args=args, train_dataset=train_dataset,
-        processing_class=processor, peft_config=peft_config, callbacks=all_callbacks,
-        mode=cfg.mode, lambda_psr=cfg.lambda_psr, passk_k=cfg.passk_k, reward_threshold=cfg.reward_threshold,
-        correctness_from=cfg.correctness_from, rollout_engine=cfg.rollout_engine)
-    trainer.run_config = cfg
-    if trainer.pop_callback(ProgressCallback) is not None:  # the terminal bar (a notebook's shows a table)
-        trainer.add_callback(QuietProgressCallback)
-    return trainer
-
-
-def _in_process_deepspeed_file(deepspeed: str) -> str | None:
-    """The DeepSpeed JSON for a run started in-process whose DeepSpeed, as it runs here (TrainingPath.deepspeed),
-    is ``deepspeed``; under ``accelerate launch`` its config file rules."""
-    from .platform import deepspeed_config_path
-
-    if deepspeed != "zero3" or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
-        return None
-    return str(deepspeed_config_path())
-
-
-def persistent_store(cfg: RunConfig) -> Path | None:
-    """The run's folder in the persistent store, or None when persistence is off."""
-    from .platform import detect_platform
-
-    root = cfg.persistent_root
-    if root in (None, "none", ""):
-        return None
-    if root == "auto":
-        root = detect_platform().persistent_root
-        if root is None:
-            return None
-    return Path(root) / cfg.resolved_run_name()
-
-
-# Files of a checkpoint that only resuming needs; the rest (weights, configs, processor) make up final/.
-RESUME_ONLY_FILES = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin",
-                     "chartrl-manifest.json", "scaler.pt")
-
-
-def checkpoint_finished(checkpoint: Path, requested_max_steps: int = -1) -> bool:
-    """True when a checkpoint was saved at its run's last step (HF would train one step too many on resume)
-    and ``requested_max_steps`` (-1: the run's own) asks for no more."""
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    last = max(state.get("max_steps", 0), requested_max_steps)
-    return last > 0 and state["global_step"] >= last
-
-
-def _publish(tmp: Path, final: Path, step: int) -> None:
-    """Give the finished folder ``tmp`` its manifest (so it can be synced and checked) and put it in place of
-    ``final`` (a crash leaves the checkpoint to rebuild it from)."""
-    from .sync import write_manifest
-
-    write_manifest(tmp, step=step)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-
-
-def finalize_from_checkpoint(checkpoint: Path, run_dir: Path, cfg: RunConfig) -> Path:
-    """final/ and trainer_state.json of a run whose last checkpoint is complete but whose final save was lost."""
-    from .sync import checkpoint_step
-
-    tmp = run_dir / "final.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(checkpoint, tmp, ignore=shutil.ignore_patterns(*RESUME_ONLY_FILES, "global_step*"))
-    write_model_card(cfg, tmp)
-    shutil.copy2(checkpoint / "trainer_state.json", run_dir / "trainer_state.json")
-    _publish(tmp, run_dir / "final", checkpoint_step(checkpoint))
-    return run_dir / "final"
-
-
-def write_model_card(cfg: RunConfig, folder: Path) -> Path:
-    """``folder/README.md``: the run's own model card (:func:`nbhelpers.model_card.model_card`)."""
-    from .model_card import model_card
-
-    path = Path(folder) / "README.md"
-    path.write_text(model_card(cfg), encoding="utf-8")
-    return path
-
-
-def record_config(cfg: RunConfig, run_dir: Path, store: Path | None) -> None:
-    """Write the run's config.yaml into the run folder and its persistent-store folder (a store that cannot be
-    written is reported, not fatal: checkpoints are still trained and kept locally)."""
-    save_resolved_config(cfg, run_dir)
-    if store is not None:
-        try:
-            save_resolved_config(cfg, store)
-        except OSError as error:
-            log.warning("could not write config.yaml into the persistent store %s: %s", store, error)
-
-
-def recorded_config(run_dir: Path, fallback: RunConfig) -> RunConfig:
-    """The configuration in the run folder's config.yaml (what its model was trained with), else ``fallback``."""
-    from .config import load_resolved_config
-
-    try:
-        return load_resolved_config(run_dir / "config.yaml")
-    except ConfigError:
-        return fallback
-
-
-def _write_summary(run_dir: Path) -> None:
-    from . import monitor
-
-    summary = monitor.summarize_run(monitor.read_run(run_dir), run_dir.name)
-    print(monitor.format_summary(summary), flush=True)
-    monitor.write_summary(summary, run_dir)
-
-
-def check_run_identity(cfg: RunConfig) -> None:
-    """Refuse (ProvenanceError, one line) when the run folder, or its persistent-store folder, holds a model
-    trained with other training-relevant settings; nothing is read or written beyond the two config.yaml."""
-    from .provenance import check_run_folder
-
-    check_run_folder(cfg, cfg.run_dir())
-    store = persistent_store(cfg)
-    if store is not None:
-        check_run_folder(cfg, store, where="persistent store folder")
-
-
-def train(cfg: RunConfig, **build_kwargs: Any) -> Path:
-    """Train (resuming from the newest complete checkpoint), save the final adapter/model; return the run folder.
-
-    No file an earlier run wrote is changed before the run's identity is checked and model and data are
-    loaded (only a checkpoint restored from the store is added), so a refused or failed start leaves them as
-    they were. With a persistent store, every complete local
-    checkpoint and final/ the store lacks is copied at the start and at the end."""
-    from accelerate import PartialState
-
-    from .sync import CheckpointSync, CheckpointSyncCallback, find_resume_checkpoint, restore_newest
-
-    check_environment(cfg)
-    check_run_identity(cfg)
-    run_dir = cfg.run_dir()
-    store = persistent_store(cfg)
-    resume_from = None
-    state = PartialState()
-    if cfg.resume:
-        with state.main_process_first():  # one process restores; the others then read the result
-            if store is not None and store.is_dir() and state.is_main_process:
-                restore_newest(store, run_dir)
-        resume_from = find_resume_checkpoint(run_dir)
-    sync = CheckpointSync(store, keep_last=cfg.save_total_limit) if store is not None else None
-    try:
-        if resume_from is not None and checkpoint_finished(resume_from, cfg.max_steps):
-            if state.is_main_process:
-                print(f"Run already trained to its last step ({resume_from.name}); writing final/ from it",
-                      flush=True)
-                if not (run_dir / "config.yaml").is_file():  # restored from the store on a new machine
-                    record_config(cfg, run_dir, store)
-                finalize_from_checkpoint(resume_from, run_dir, recorded_config(run_dir, cfg))
-                _write_summary(run_dir)
-                if sync is not None:
-                    sync.catch_up(run_dir)
-            state.wait_for_everyone()
-            return run_dir
-        trainer = build_trainer(cfg, run_dir=run_dir, callbacks=[CheckpointSyncCallback(sync)], **build_kwargs)
-        problems = len(trainer.train_dataset)
-        estimate = estimate_training_steps(cfg, problems, trainer.accelerator.num_processes)
-        if trainer.accelerator.is_main_process:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            record_config(cfg, run_dir, store)
-            if sync is not None:
-                sync.catch_up(run_dir)  # copies an earlier session left unfinished (killed mid-copy)
-            print(f"Run folder: {run_dir}\nEstimate: {estimate}", flush=True)
-            print(f"Resuming from {resume_from}" if resume_from else "Starting fresh (no complete checkpoint)",
-                  flush=True)
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        if torch.cuda.is_available():
-            print(f"process {trainer.accelerator.process_index}: peak GPU memory "
-                  f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
-        tmp = run_dir / "final.partial"
-        trainer.save_model(str(tmp))
-        if trainer.accelerator.is_main_process:
-            trainer.processing_class.save_pretrained(str(tmp))
-            write_model_card(cfg, tmp)
-            _publish(tmp, run_dir / "final", trainer.state.global_step)
-            trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
-            _write_summary(run_dir)
-            if sync is not None:
-                sync.wait()  # the last checkpoint's copy first, then whatever the store still lacks
-                sync.catch_up(run_dir)
-    finally:
-        if sync is not None:
-            sync.wait()
-            sync.close()
-    return run_dir
-
-
-__all__ = ["ChartRLTrainer", "StepLineCallback", "format_log_line", "build_trainer", "check_run_identity",
-           "grpo_config", "train", "persistent_store", "SEQUENCE_AVERAGED_LOSSES", "left_out_loss_scale",
-           "select_rows", "without_left_out_rows", "logprob_gap", "GAP_KEYS", "CollapseWarningCallback"]
+__all__ = ["ChartRLTrainer", "GAP_KEYS", "NONFINITE_KEY", "SEQUENCE_AVERAGED_LOSSES", "gradients_are_finite",
+           "left_out_loss_scale", "logprob_gap", "select_rows", "without_left_out_rows"]

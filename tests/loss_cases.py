@@ -17,7 +17,8 @@ from nbhelpers import models
 from nbhelpers.config import LOSS_TYPES, load_config, resolve_parameter_file
 from nbhelpers.data import make_synthetic_examples, to_trl_dataset
 from nbhelpers.rewards import completion_text
-from nbhelpers.trainer import ChartRLTrainer, grpo_config, select_rows
+from nbhelpers.trainer import ChartRLTrainer, select_rows
+from nbhelpers.training_setup import grpo_config
 from fast_presets import TINY
 
 

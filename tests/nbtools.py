@@ -63,7 +63,7 @@ def image_outputs(notebook: nbformat.NotebookNode) -> int:
 
 def write_samples(path: Path, method: str, share_correct: float, problems: int = 6, n: int = 8,
                   seed: int = 0) -> Path:
-    """A samples file (DESIGN.md format) whose samples are correct with probability ``share_correct``."""
+    """A samples file (the format of nbhelpers.passk) whose samples are correct with probability ``share_correct``."""
     rng = random.Random(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:

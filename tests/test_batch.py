@@ -175,6 +175,13 @@ def test_notebook_parameters_of_a_batch(tmp_path):
     assert report.exit_code == 0
 
 
+def test_the_comparison_gets_the_configured_k_values(tmp_path):
+    executor = FakeExecutor()
+    batch.run_batch("smoke", ["nsr"], None, tmp_path, overrides={"passk_ks": [1, 8]}, execute=executor)
+    (passk, passk_parameters) = executor.calls[-1]
+    assert passk == batch.PASSK and passk_parameters["passk_ks"] == [1, 8]
+
+
 def test_bad_override_stops_the_batch_before_any_notebook(tmp_path):
     executor = FakeExecutor()
     with pytest.raises(ConfigError, match="--set: unknown key 'learning_rat'"):

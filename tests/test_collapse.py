@@ -13,7 +13,7 @@ import pytest
 
 from nbhelpers import monitor, plots
 from nbhelpers.collapse import (CLIPPED_KEY, ENTROPY_KEY, FORMAT_KEY, CollapseEvent, detect_collapse)
-from nbhelpers.trainer import CollapseWarningCallback
+from nbhelpers.training_callbacks import CollapseWarningCallback
 
 HEALTHY = {FORMAT_KEY: 1.6, ENTROPY_KEY: 0.8, CLIPPED_KEY: 0.1}
 
@@ -75,7 +75,7 @@ def test_the_warning_line_names_the_step_and_the_statistic():
 def test_the_callback_warns_once_per_run(caplog):
     callback = CollapseWarningCallback()
     state = SimpleNamespace(is_world_process_zero=True, log_history=[])
-    with caplog.at_level(logging.WARNING, logger="nbhelpers.trainer"):
+    with caplog.at_level(logging.WARNING, logger="nbhelpers.training_callbacks"):
         for entry in history(steps=14, entropy=since(6, 0.0, 14)):
             state.log_history.append(entry)
             callback.on_log(None, state, None, logs=entry)

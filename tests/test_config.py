@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from nbhelpers.config import (MODES, ConfigError, RunConfig, describe, estimate_training_steps, field_help,
-                              load_config, load_resolved_config, passk_ks, resolve_parameter_file,
+                              load_config, load_resolved_config, resolve_parameter_file,
                               resolved_epsilon_high, save_resolved_config)
 
 
@@ -146,19 +146,13 @@ def test_training_step_estimator(problems, g, batch, acc, procs, epochs, max_ste
     assert est.steps_per_epoch == math.ceil(problems * g / (batch * acc * procs))
 
 
-def test_passk_ks_default_and_configured():
-    assert passk_ks(RunConfig(n_samples=256)) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
-    assert passk_ks(RunConfig(n_samples=10)) == [1, 2, 4, 8, 10]
-    assert passk_ks(load_config(overrides={"n_samples": 16, "passk_ks": [8, 1]})) == [1, 8]
-
-
 @pytest.mark.parametrize("env,expected", [
     ({}, []),
     ({"WANDB_API_KEY": "x"}, ["wandb"]),
     ({"WANDB_MODE": "offline"}, ["wandb"]),
 ])
 def test_wandb_only_with_a_key_or_offline_mode(monkeypatch, env, expected):
-    from nbhelpers.trainer import _report_to
+    from nbhelpers.training_setup import _report_to
 
     for key in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(key, raising=False)

@@ -14,7 +14,7 @@ from nbhelpers.config import load_config, resolve_parameter_file
 from nbhelpers.models import build_random_model
 from nbhelpers.platform import weights_dtype
 from nbhelpers.rollout import ComputeCopies, rollout_model
-from nbhelpers.trainer import build_trainer
+from nbhelpers.training_setup import build_trainer
 from fast_presets import TINY
 
 ADAM_EPS = 1e-8  # the Trainer's adam_epsilon: a gradient at least this large moves a weight by >= lr/2 at step 1

@@ -16,7 +16,8 @@ from nbhelpers.config import ConfigError, load_config, resolve_parameter_file, t
 from nbhelpers.data import make_synthetic_examples, to_trl_dataset
 from nbhelpers.rewards import completion_text
 from nbhelpers.rollout import Request, RolloutEngine, token_logprobs
-from nbhelpers.trainer import GAP_KEYS, ChartRLTrainer, build_trainer, grpo_config, logprob_gap
+from nbhelpers.trainer import GAP_KEYS, ChartRLTrainer, logprob_gap
+from nbhelpers.training_setup import build_trainer, grpo_config
 from fast_presets import TINY
 from test_rollout import TINY_EOS, TINY_PAD, prompt_inputs
 

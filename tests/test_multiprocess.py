@@ -33,6 +33,7 @@ def worker(rank, world, port, out_dir, mode):
     torch.set_num_threads(1)
     from nbhelpers import trainer as trainer_module
     from nbhelpers.config import load_config, resolve_parameter_file
+    from nbhelpers.training_setup import build_trainer
 
     cfg = load_config([resolve_parameter_file("smoke", "presets"), TINY],
                       {"mode": mode, "top_k": 1, "batch_size": GLOBAL_BATCH // world, "num_generations": 4,
@@ -48,7 +49,7 @@ def worker(rank, world, port, out_dir, mode):
             advantages.append(gathered.tolist())
             return output
 
-    trainer = trainer_module.build_trainer(cfg, run_dir=out_dir / f"world{world}")
+    trainer = build_trainer(cfg, run_dir=out_dir / f"world{world}")
     trainer.__class__ = Recording
     trainer.train()
     if trainer.accelerator.is_main_process:

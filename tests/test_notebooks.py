@@ -394,9 +394,9 @@ def test_launch_training_raises_with_the_log_on_failure(smoke_cfg, capsys):
 
 
 def test_train_runs_in_process_on_one_device(smoke_cfg, monkeypatch):
-    import nbhelpers.trainer
+    import nbhelpers.training_run
 
-    monkeypatch.setattr(nbhelpers.trainer, "train", lambda cfg: ("in-process", cfg.mode))
+    monkeypatch.setattr(nbhelpers.training_run, "train", lambda cfg: ("in-process", cfg.mode))
     monkeypatch.setattr(launch, "launch_training", lambda cfg: ("launched", cfg.mode))
     assert launch.train(smoke_cfg) == ("in-process", "psr")
     smoke_cfg.num_processes = 2

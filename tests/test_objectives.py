@@ -5,8 +5,9 @@ import statistics
 import pytest
 import torch
 
-from nbhelpers.objectives import compute_advantages, grpo_advantages, mode_statistics, passk_advantages, \
-    passk_group_advantages
+from nbhelpers.config import MODES
+from nbhelpers.objectives import MODE_DESCRIPTIONS, MODE_REFERENCES, compute_advantages, correctness, \
+    grpo_advantages, mode_statistics, passk_advantages, passk_group_advantages
 
 C = [True, False, False, True]  # two groups of two
 R = [5.0, 1.0, 2.0, 6.0]
@@ -171,3 +172,25 @@ def test_passk_uses_correctness_not_the_rewards():
     a = compute_advantages("passk", torch.tensor([9.0, 1.0, 2.0, 3.0]), correct, 4, passk_k=2)[0]
     b = compute_advantages("passk", torch.tensor([0.0, 7.0, -2.0, 5.0]), correct, 4, passk_k=2)[0]
     assert torch.equal(a, b) and a.tolist() == pytest.approx([1.0, -1 / 3, -1 / 3, -1 / 3])
+
+
+NAN = float("nan")
+# Three samples' rewards from two functions (accuracy, then format), NaN where a function gave none.
+REWARDS = [[1.0, 2.0], [0.0, 2.0], [NAN, 1.5]]
+
+
+@pytest.mark.parametrize("weights,threshold,accuracy_column,totals,correct", [
+    ([1.0, 1.0], 0.5, 0, [3.0, 2.0, 1.5], [True, False, False]),      # accuracy: a NaN accuracy counts as 0
+    ([1.0, 1.0], 2.5, None, [3.0, 2.0, 1.5], [True, False, False]),   # total: NaN rewards leave the sum
+    ([2.0, 0.5], 1.0, None, [3.0, 1.0, 0.75], [True, True, False]),   # the weights make the total
+    ([1.0, 1.0], 0.0, 0, [3.0, 2.0, 1.5], [True, True, True]),        # threshold 0: every sample
+])
+def test_correctness_thresholds_the_accuracy_or_the_weighted_total(weights, threshold, accuracy_column, totals,
+                                                                    correct):
+    total, bits = correctness(torch.tensor(REWARDS), torch.tensor(weights), threshold, accuracy_column)
+    assert total.tolist() == totals and bits.tolist() == correct
+
+
+def test_every_mode_has_the_description_and_reference_of_its_model_card():
+    assert set(MODE_DESCRIPTIONS) == set(MODE_REFERENCES) == set(MODES)
+

@@ -3,6 +3,7 @@ results files, and the samples -> passk -> plot command-line path."""
 
 import argparse
 import json
+import re
 from fractions import Fraction
 from math import comb
 
@@ -94,6 +95,31 @@ def test_pass_at_k_array_rejects_invalid_counts(counts, message):
 ])
 def test_k_values_are_powers_of_two_then_n(n, expected):
     assert passk.k_values(n) == expected
+
+
+@pytest.mark.parametrize("n, ks, expected", [
+    (256, None, [1, 2, 4, 8, 16, 32, 64, 128, 256]), (10, None, [1, 2, 4, 8, 10]), (16, [8, 1, 8], [1, 8]),
+    (16, [16], [16]), (16, [], [1, 2, 4, 8, 16]),
+])
+def test_selected_k_values_are_passk_ks_else_the_powers_of_two(n, ks, expected):
+    assert passk.selected_k_values(n, ks) == expected
+
+
+@pytest.mark.parametrize("ks, bad", [([1, 17], "[17]"), ([0, 2], "[0]"), ([2.5], "[2.5]"), ([True], "[True]")])
+def test_selected_k_values_name_the_k_outside_1_to_n(ks, bad):
+    with pytest.raises(ValueError, match=re.escape(f"k values {bad} are not integers in [1, n = 16]")):
+        passk.selected_k_values(16, ks)
+
+
+def test_results_and_comparisons_at_the_configured_k(tmp_path):
+    problems = make_problems([1, 3, 0, 8], 8)
+    results = passk.passk_results(problems, "A", bootstrap=20, ks=[4, 1])
+    assert list(results["pass_at_k"]) == ["1", "4"] and results["meta"]["k_values"] == [1, 4]
+    assert results["pass_at_k"]["4"] == pytest.approx(np.mean([passk.pass_at_k(8, p.c, 4) for p in problems]))
+    comparison = passk.compare_methods(problems, make_problems([0, 0, 0, 8], 8), bootstrap=20, ks=[2])
+    assert list(comparison["difference"]) == ["2"]
+    with pytest.raises(ValueError, match=re.escape("k values [16] are not integers in [1, n = 8]")):
+        passk.passk_results(problems, "A", bootstrap=20, ks=[16])
 
 
 # --- reading samples files ---------------------------------------------------------------------
@@ -361,6 +387,11 @@ def test_cli_samples_to_passk_to_plot_for_two_methods(tmp_path, capsys):
     assert nsr["meta"]["source_samples"] == [str(paths["nsr"])]
     assert nsr["meta"]["comparison"]["difference"]["1"] == pytest.approx(
         nsr["pass_at_k"]["1"] - grpo["pass_at_k"]["1"], abs=1e-12)
+
+    assert passk.run_from_cli(parse(passk, ["--samples", paths["nsr"], "--out", tmp_path / "ks.json", "--bootstrap", 20,
+                                            "--ks", 8, 2, "--compare", paths["grpo"]])) == 0
+    at_ks = passk.load_results(tmp_path / "ks.json")
+    assert list(at_ks["pass_at_k"]) == ["2", "8"] and list(at_ks["meta"]["comparison"]["difference"]) == ["2", "8"]
 
     figure_path = tmp_path / "figures" / "passk.png"
     assert plots.run_from_cli(parse(plots, ["--results", results_paths["grpo"], results_paths["nsr"],

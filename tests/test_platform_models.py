@@ -45,7 +45,7 @@ def test_kaggle_keeps_store_run_folders_and_code_clone_apart(monkeypatch):
 
     import nbtools
     from nbhelpers.config import load_config, resolve_parameter_file
-    from nbhelpers.trainer import persistent_store
+    from nbhelpers.platform import persistent_store
 
     get_code = next(c.source for c in nbtools.read_notebook("10_train").cells if "git clone" in c.source)
     clone = Path("/kaggle/working") / re.search(r"%cd (\S+)", get_code).group(1)

@@ -29,7 +29,6 @@ from nbhelpers.rewards import (
     build_reward_funcs,
     cell_accuracy,
     chart_type_reward,
-    correctness,
     count_reward,
     format_reward,
     is_correct,
@@ -806,23 +805,4 @@ def test_exact_match_drops_the_numeric_tolerance(prediction, answer, relaxed, ex
 def test_is_correct_agrees_with_accuracy_reward():
     completions = [PERFECT, build_completion(answer="16"), "<answer>15.2</answer>", "15"]
     accuracies = accuracy_reward(completions=completions, answer=["15"] * 4)
-    assert correctness(completions, ["15"] * 4) == [a >= 0.5 for a in accuracies] == [True, False, True, False]
-
-
-def test_correctness_from_total():
-    totals = [6.0, 4.9, float("nan")]
-    verdicts = correctness(["a", "b", "c"], ["1"] * 3, rewards_total=totals, threshold=5.0, correctness_from="total")
-    assert verdicts == [True, False, False]
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"correctness_from": "total"}, "rewards_total"),
-        ({"correctness_from": "total", "rewards_total": [1.0]}, "rewards_total"),
-        ({"correctness_from": "format"}, "correctness_from"),
-    ],
-)
-def test_correctness_rejects_bad_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        correctness(["a", "b"], ["1", "1"], **kwargs)
+    assert [is_correct(c, "15") for c in completions] == [a >= 0.5 for a in accuracies] == [True, False, True, False]

@@ -197,6 +197,29 @@ def test_auto_runs_the_engine_on_cpu_and_a_forced_fallback_warns_once(tiny_model
         rollout.sample_completions(tiny_model, inputs, 2, engine="fast", **kwargs)
 
 
+@pytest.mark.parametrize("engine,reason,needs_logprobs,expected", [
+    ("stock", "no CUDA", True, "stock"),      # stock and vllm as asked: the engine's availability is not looked at
+    ("vllm", "no CUDA", False, "vllm"),
+    ("fast", None, True, "fast"),
+    ("auto", None, True, "fast"),
+    ("auto", "no CUDA", False, "stock"),      # falls back, saying why
+    ("fast", "no CUDA", False, "rollout_engine 'fast' cannot run here: no CUDA"),
+    ("auto", "no CUDA", True, "importance_sampling_correction is on, but the fast rollout engine cannot run here "
+                              r"\(no CUDA\)"),
+    ("fastest", None, False, "rollout engine must be one of auto, stock, fast, vllm"),
+])
+def test_resolve_engine_is_the_one_rule_for_sampling_and_training(engine, reason, needs_logprobs, expected,
+                                                                   monkeypatch):
+    monkeypatch.setattr(rollout.notices, "_warned_reasons", set())
+    resolve = lambda: rollout.resolve_engine(engine, "model", unavailable_reason=lambda model: reason,  # noqa: E731
+                                             needs_logprobs=needs_logprobs)
+    if expected in ("stock", "vllm", "fast"):
+        assert resolve() == expected
+    else:
+        with pytest.raises((RuntimeError, ValueError), match=expected):
+            resolve()
+
+
 def test_vllm_switch_raises_a_clear_error_without_vllm(tiny_model, tiny_processor, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(RuntimeError, match="needs the vllm package"):
@@ -332,7 +355,7 @@ def _tiny_trainer(fast: bool, processor, recorded: list, output_dir):
     class Trainer(GRPOTrainer):
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
             if fast:
-                out = rollout.trainer_generate(self, prompt_ids, multimodal_fields, num_generations)
+                out = rollout.trainer_generate(self, prompt_ids, multimodal_fields)
             else:
                 out = super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations)
             recorded.append((prompt_ids, out[0]))

@@ -151,7 +151,7 @@ def test_cli_train_refuses_in_one_line_and_changes_nothing(tmp_path, capsys):
 
 def test_failed_start_does_not_rewrite_config_yaml(tmp_path):
     """Model and data load before config.yaml is written: an unknown vlm_name leaves the record as it was."""
-    from nbhelpers.trainer import train
+    from nbhelpers.training_run import train
 
     cfg = preset_config("smoke", output_root=str(tmp_path), run_name="mine")
     folder = trained_folder(tmp_path, cfg)
@@ -211,7 +211,7 @@ def test_finished_run_reports_done_and_fills_the_store_with_the_recorded_card(tm
     """The finish path (no training): final/ from the last checkpoint, its card from config.yaml even under
     resume_changed_config, and the store gets the checkpoint and final/."""
     from nbhelpers.sync import is_complete_checkpoint
-    from nbhelpers.trainer import train
+    from nbhelpers.training_run import train
 
     runs, store = tmp_path / "runs", tmp_path / "store"
     folder = finished_run(runs, preset_config("smoke", output_root=str(runs), run_name="done"))

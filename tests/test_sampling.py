@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from nbhelpers import sampling
+from nbhelpers import rollout, sampling
 from nbhelpers.config import load_config, resolve_parameter_file
 from nbhelpers.passk import read_samples
 from nbhelpers.sampling import SamplesWriter, finished_problems, repair_samples_file
@@ -78,6 +78,20 @@ def test_out_of_memory_halves_the_chunk(monkeypatch):
                                       pad_token_id=0, seed=0)
     assert len(out) == 7
     assert calls[:3] == [7, 3, 1] and all(c == 1 for c in calls[2:])  # 7 -> 3 -> 1, then stays
+
+
+@pytest.mark.parametrize("rows,halved", [(8, 4), (7, 3), (3, 1), (2, 1)])
+def test_out_of_memory_halves_the_rows_after_releasing(rows, halved):
+    released = []
+    assert rollout.halved_after_oom(rows, torch.cuda.OutOfMemoryError("fake"), lambda: released.append(1)) == halved
+    assert released == [1]
+
+
+def test_out_of_memory_at_one_row_is_raised_again():
+    error = torch.cuda.OutOfMemoryError("fake")
+    with pytest.raises(torch.cuda.OutOfMemoryError) as raised:
+        rollout.halved_after_oom(1, error, lambda: pytest.fail("nothing to release: the error stands"))
+    assert raised.value is error
 
 
 def test_problem_seed_is_order_independent():
@@ -178,6 +192,27 @@ def test_samples_use_exact_match_where_the_example_asks(tmp_path, monkeypatch):
             for key in (exact_id, relaxed_id)] == [(True, cfg.reward_threshold), (False, cfg.reward_threshold)]
     problems = {p.id: p for p in read_samples(out)}
     assert (problems[exact_id].exact_match, problems[relaxed_id].exact_match) == (True, False)
+
+
+def test_records_and_generation_get_the_sampling_settings(tmp_path, monkeypatch):
+    """The sampling keys reach the generation call and each record's meta under the provenance's names."""
+    from nbhelpers import models
+    from nbhelpers.data import load_examples
+
+    cfg = smoke(n_samples=2, sample_temperature=0.8, sample_top_p=0.9, sample_max_new_tokens=7, seed=5)
+    processor = models.build_offline_processor(cfg.eval_max_pixels)
+    calls = []
+    monkeypatch.setattr(sampling, "generate_in_chunks",
+                        lambda model, inputs, n, *a, **k: calls.append(k) or [[processor.tokenizer.eos_token_id]] * n)
+    examples = load_examples("synthetic", split="test", subset_size=1, seed=cfg.seed)
+    out = sampling.sample_to_file(cfg, tmp_path / "samples.jsonl", examples=examples, method="m",
+                                  model=torch.nn.Linear(1, 1), processor=processor)
+    assert {k: calls[0][k] for k in ("max_new_tokens", "temperature", "top_p")} == \
+        {"max_new_tokens": 7, "temperature": 0.8, "top_p": 0.9}
+    meta = json.loads(out.read_text())["meta"]
+    expected = {"method": "m", "model": cfg.vlm_name, "checkpoint": None, "n": 2, "temperature": 0.8, "top_p": 0.9,
+                "max_new_tokens": 7, "seed": 5}
+    assert {k: meta[k] for k in expected} == expected
 
 
 # ------------------------------------------------------------------------------------------ provenance

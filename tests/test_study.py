@@ -59,7 +59,7 @@ def write_settings(folder: Path, data: dict) -> Path:
 
 
 def fake_train(cfg) -> Path:
-    """Stands in for nbhelpers.trainer.train: a final/ folder and a trainer_state.json with a log history."""
+    """Stands in for nbhelpers.training_run.train: a final/ folder and a trainer_state.json with a log history."""
     run_dir = cfg.run_dir()
     (run_dir / "final").mkdir(parents=True, exist_ok=True)
     history = [{"step": s, "loss": 0.1 / s, "reward": 1.0 + s, "mode/accuracy": 0.1 * s, "mode/kept_positive": 2,

@@ -630,3 +630,43 @@ def test_callback_with_a_real_trainer_resumes(tmp_path):
     assert trainer.state.global_step == 5
     assert store_steps(store) == [4, 5]
     assert find_resume_checkpoint(run) == run / "checkpoint-5"
+
+
+# ----------------------------------------------------------------------------- folders put in place
+
+
+def test_publish_replaces_final_whole_and_leaves_no_partial(tmp_path):
+    """publish gives the new final/ its manifest at the step and puts it in place of the old one; the partial
+    folder's name follows the store's scheme, so the clean-ups find a stale one."""
+    old = make_checkpoint(tmp_path, 1)
+    old.rename(tmp_path / "final")
+    new = make_checkpoint(tmp_path, 2, manifest=False, seed=1)
+    staged = sync_module.partial_folder(tmp_path / "final", tag="2")
+    assert staged.name == ".partial-final-2"
+    new.rename(staged)
+    assert sync_module.publish(staged, tmp_path / "final", step=2) == tmp_path / "final"
+    assert read_manifest(tmp_path / "final")["step"] == 2 and is_complete_checkpoint(tmp_path / "final", True)
+    assert partials(tmp_path) == [] and not staged.exists()
+
+
+def test_replace_folder_cut_short_keeps_the_old_folder_whole(tmp_path, monkeypatch):
+    """A crash between moving the old folder aside and renaming the new one in leaves the old one whole under a
+    partial name (removed by the next clean-up) and the new one untouched: nothing is half deleted."""
+    target = make_checkpoint(tmp_path, 3)
+    new = make_checkpoint(tmp_path / "new", 3, seed=1)
+    before = {p.name: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    renames = []
+
+    def rename_then_crash(source, destination):
+        if renames:
+            raise OSError(errno.EIO, "simulated crash")
+        renames.append(destination)
+        os.replace(source, destination)
+
+    monkeypatch.setattr(sync_module.os, "rename", rename_then_crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        sync_module.replace_folder(new, target)
+    (aside,) = partials(tmp_path)
+    assert {p.name: p.read_bytes() for p in aside.rglob("*") if p.is_file()} == before
+    assert read_manifest(aside)["step"] == 3 and is_complete_checkpoint(aside, True)
+    assert is_complete_checkpoint(new, True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 from nbhelpers.config import load_config, resolve_parameter_file
-from nbhelpers.trainer import build_trainer
+from nbhelpers.training_setup import build_trainer
 from fast_presets import TINY
 
 

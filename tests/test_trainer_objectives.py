@@ -19,8 +19,8 @@ from nbhelpers.data import make_synthetic_examples, to_trl_dataset
 from nbhelpers.objectives import passk_advantages
 from nbhelpers.platform import deepspeed_config_path
 from nbhelpers.rewards import completion_text
-from nbhelpers.trainer import ChartRLTrainer, build_trainer, gradients_are_finite, grpo_config, left_out_loss_scale, \
-    without_left_out_rows
+from nbhelpers.trainer import ChartRLTrainer, gradients_are_finite, left_out_loss_scale, without_left_out_rows
+from nbhelpers.training_setup import build_trainer, grpo_config
 from fast_presets import TINY
 
 G = 4

@@ -12,7 +12,8 @@ import pytest
 from transformers.trainer_callback import TrainerControl, TrainerState
 
 from nbhelpers.config import load_config, resolve_parameter_file
-from nbhelpers.trainer import StepLineCallback, TensorBoardNumbers, format_log_line, grpo_config
+from nbhelpers.training_callbacks import StepLineCallback, TensorBoardNumbers, format_log_line
+from nbhelpers.training_setup import grpo_config
 from fast_presets import TINY
 
 
@@ -67,6 +68,15 @@ def test_grpo_config_raises_no_deprecation_warning(tmp_path):
         warnings.simplefilter("error", DeprecationWarning)
         args = grpo_config(cfg, tmp_path, "fp32", use_cpu=True, deepspeed_file=None)
     assert args.activation_checkpointing is True
+
+
+@pytest.mark.parametrize("warmup_ratio,steps,warmup_steps", [(0.0, 100, 0), (0.1, 100, 10), (0.25, 10, 3),
+                                                         (0.5, 3, 2)])
+def test_warmup_ratio_is_a_fraction_of_the_optimizer_steps(tmp_path, warmup_ratio, steps, warmup_steps):
+    """warmup_ratio reaches transformers as the fraction of all steps spent warming up (ceil), not as steps."""
+    args = grpo_config(load_config([resolve_parameter_file("smoke"), TINY], {"warmup_ratio": warmup_ratio}),
+                       tmp_path, "fp32", use_cpu=True, deepspeed_file=None)
+    assert args.get_warmup_steps(steps) == warmup_steps
 
 
 @pytest.mark.slow

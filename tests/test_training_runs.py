@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from nbhelpers.config import MODES, load_config, resolve_parameter_file
 from nbhelpers.monitor import read_run
 from nbhelpers.sync import checkpoint_problem, find_resume_checkpoint, is_complete_checkpoint
-from nbhelpers.trainer import train
+from nbhelpers.training_run import train
 from fast_presets import TINY
 
 pytestmark = pytest.mark.slow

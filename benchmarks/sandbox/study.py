@@ -1,6 +1,6 @@
 """Run the objectives study of issue 12 (settings: study.yaml), resumably, several parts at once on one GPU.
 
-Parts: ``base`` (samples of the base model) and ``<mode>-s<seed>`` (train with nbhelpers.trainer.train, then
+Parts: ``base`` (samples of the base model) and ``<mode>-s<seed>`` (train with nbhelpers.training_run.train, then
 sample the trained adapter with nbhelpers.sampling.sample_to_file). Each part runs as its own process with its
 own scratch folder ``work/<part>/`` (run folder, checkpoints, uncompressed samples, ``log.txt``). A finished part
 publishes, each step atomically (temp file, then rename), its compact samples ``samples/<part>.compact.jsonl.xz``
@@ -70,7 +70,7 @@ def _add_time(work: Path, stage: str, seconds: float) -> dict:
 
 
 def default_train(cfg) -> Path:
-    from nbhelpers.trainer import train
+    from nbhelpers.training_run import train
 
     return train(cfg)
 
@@ -170,6 +170,8 @@ def publish(settings: StudySettings, part: Part, samples: Path, run_dir: Path | 
     """samples/<part>.compact.jsonl.xz (compact and xz, so that the repository stays small enough to travel to a
     GPU machine; the same samples give the same bytes), then runs/<part>/ with the logs and, inside, the marker
     (renamed in last)."""
+    from nbhelpers.sync import replace_folder  # imports torch: inside, as this script's other nbhelpers imports
+
     write_compact_samples(settings.samples_path(part), samples, keep=COMPLETIONS_KEPT)
     final = settings.run_path(part)
     tmp = final.with_name(f".{final.name}.tmp")
@@ -184,9 +186,7 @@ def publish(settings: StudySettings, part: Part, samples: Path, run_dir: Path | 
     if sample_config.is_file():
         shutil.copy2(sample_config, tmp / "sample-config.yaml")
     (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    replace_folder(tmp, final)
 
 
 def _seconds(marker: dict) -> str:

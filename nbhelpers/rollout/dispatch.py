@@ -7,12 +7,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from ..config import ROLLOUT_ENGINES
 from .engine import Request, RolloutEngine, engine_unavailable_reason
 from .logits import truncate_at_eos
 from .notices import log, warn_once
 from .vllm import vllm_sample
-
-ENGINE_CHOICES = ("auto", "stock", "fast", "vllm")
 
 
 def stock_generate(model, prompt_inputs: dict, n: int, *, max_new_tokens: int, temperature: float, top_p: float,
@@ -42,28 +41,47 @@ def stock_generate(model, prompt_inputs: dict, n: int, *, max_new_tokens: int, t
 _engines: "weakref.WeakKeyDictionary[Any, RolloutEngine]" = weakref.WeakKeyDictionary()
 
 
-def engine_choice(engine: str, reason: str | None) -> str:
-    """The generation path for the requested ``engine`` when the fast engine cannot run for ``reason`` (None: it
-    can): 'auto' -> 'fast', or 'stock' with a reason; 'fast' with a reason -> RuntimeError; 'stock' and 'vllm'
-    as asked."""
-    if engine not in ENGINE_CHOICES:
-        raise ValueError(f"rollout engine must be one of {', '.join(ENGINE_CHOICES)}, got '{engine}'")
+def engine_choice(engine: str, reason: str | None, needs_logprobs: bool = False) -> str:
+    """The generation path of ``rollout_engine`` ``engine`` when the fast engine cannot run for ``reason`` (None: it
+    can): stock and vllm as asked; fast where it can run, else RuntimeError naming why; auto: fast where it can run,
+    else stock. ``needs_logprobs``: the caller corrects with the sampler's log-probabilities (importance sampling),
+    which stock generate does not return, so auto cannot fall back."""
+    if engine not in ROLLOUT_ENGINES:
+        raise ValueError(f"rollout engine must be one of {', '.join(ROLLOUT_ENGINES)}, got '{engine}'")
     if engine in ("stock", "vllm"):
         return engine
     if reason is None:
         return "fast"
     if engine == "fast":
-        raise RuntimeError(f"rollout engine 'fast' was asked for but cannot run: {reason}")
+        raise RuntimeError(f"rollout_engine 'fast' cannot run here: {reason}")
+    if needs_logprobs:
+        raise RuntimeError(f"importance_sampling_correction is on, but the fast rollout engine cannot run here "
+                           f"({reason}) and TRL's stock generate returns no sampler log-probabilities; set "
+                           "importance_sampling_correction: off")
     return "stock"
 
 
-def resolve_engine(engine: str, model) -> str:
-    """'auto' -> 'fast' where the engine can run on ``model``, else 'stock' (warning once with the reason)."""
-    reason = None if engine in ("stock", "vllm") else engine_unavailable_reason(model)
-    choice = engine_choice(engine, reason)
+def resolve_engine(engine: str, model, *, unavailable_reason: Callable[[Any], str | None] = engine_unavailable_reason,
+                   needs_logprobs: bool = False) -> str:
+    """:func:`engine_choice` for ``model``, warning once with the reason when auto falls back to stock. ``model`` is
+    what generates: a model, or a trainer with :func:`.trainer.trainer_rollout_unavailable_reason`."""
+    reason = None if engine in ("stock", "vllm") else unavailable_reason(model)
+    choice = engine_choice(engine, reason, needs_logprobs)
     if reason is not None and choice == "stock":
-        warn_once(f"{reason}; using stock generate")
+        warn_once(f"fast rollout engine off ({reason}); using stock generate")
     return choice
+
+
+def halved_after_oom(size: int, error: BaseException, release: Callable[[], None] | None = None) -> int:
+    """The rows to retry with after CUDA ran out of memory (``error``) at ``size`` rows: half of them, at least 1,
+    once ``release`` (what the caller can free first) has run and the CUDA cache is emptied; ``error`` raised
+    again when ``size`` is 1 already."""
+    if size <= 1:
+        raise error
+    if release is not None:
+        release()
+    torch.cuda.empty_cache()
+    return max(1, size // 2)
 
 
 def cached_engine(model, **settings: Any) -> RolloutEngine:
@@ -134,12 +152,8 @@ def sample_problems(model, problems: Iterable[tuple[Any, dict, int]], n: int, *,
                 request = in_flight.pop(key)
                 yield key, request.seed, completions
             return
-        except torch.cuda.OutOfMemoryError:
-            if rows == 1:
-                raise
-            rows = max(1, rows // 2)
+        except torch.cuda.OutOfMemoryError as error:
+            rows = halved_after_oom(rows, error, release=fast.drop_graphs)
             retry[:] = list(in_flight.values())
-            fast.drop_graphs()
-            torch.cuda.empty_cache()
             log.warning("CUDA out of memory while sampling: %d rows at once, %d problems start again", rows,
                         len(retry))

@@ -119,15 +119,15 @@ def _trainer_engine(trainer, model) -> RolloutEngine:
     return engine
 
 
-def trainer_generate(trainer, prompt_ids: list[list[int]], multimodal_fields: dict,
-                     num_generations: int) -> tuple[list[list[int]], list[list[float]]]:
+def trainer_generate(trainer, prompt_ids: list[list[int]],
+                     multimodal_fields: dict) -> tuple[list[list[int]], list[list[float]]]:
     """TRL ``_generate_single_turn`` replacement: one engine run for the whole generation batch (every prompt
     prefilled once, all rows decoded together), results in input order.
 
-    TRL repeats each prompt ``num_generations`` times consecutively; runs of identical prompts (ids and
-    images) are found by comparison, so any order is handled. Returns (completion ids, per-token sampling
-    log-probabilities), the latter as TRL's vLLM path returns them: TRL keeps them as
-    ``sampling_per_token_logps`` (see :func:`.logits.token_logprobs` for what they are).
+    TRL repeats each prompt num_generations times consecutively; runs of identical prompts (ids and images)
+    are found by comparison, so the group size need not be given and any order is handled. Returns
+    (completion ids, per-token sampling log-probabilities), the latter as TRL's vLLM path returns them: TRL
+    keeps them as ``sampling_per_token_logps`` (see :func:`.logits.token_logprobs` for what they are).
     """
     from trl.extras.profiling import profiling_context
     from trl.models import unwrap_model_for_generation
