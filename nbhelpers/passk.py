@@ -18,10 +18,10 @@ method's own completions to OTHER problems of the same dataset whose gold answer
 (yes/no, year, integer, decimal, text), with replacement, and scores their extracted answers against this
 problem's gold answer with the correctness used for the method's own samples (`rewards.answer_correct`,
 exact or relaxed, and the threshold). With p the fraction of those drawn completions that are correct
-(`chance_rates`), the floor at k is the mean over problems of 1 - (1 - p)^k, with a bootstrap interval over
-problems (`chance_floor_values`). A Pass@k near its floor says the method's answers carry little information
-about the chart: a year within 5% of the gold year is correct under relaxed accuracy, and at large k even
-guessing covers many questions.
+(`chance_rates`), the floor at k is the mean over problems of 1 - (1 - p)^k (`chance_floor_matrix`), with a
+bootstrap interval over problems (`results_table`). A Pass@k near its floor says the method's answers carry
+little information about the chart: a year within 5% of the gold year is correct under relaxed accuracy, and at
+large k even guessing covers many questions.
 """
 
 from __future__ import annotations
@@ -485,15 +485,6 @@ def chance_floor_matrix(rates, ks: Sequence[int]) -> np.ndarray:
     return 1.0 - (1.0 - rates[:, None]) ** np.asarray(ks, dtype=np.float64)[None, :]
 
 
-def chance_floor_values(rates, ks: Sequence[int], *, bootstrap: int = 1000,
-                        seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The chance floor at each k: (mean over problems of 1 - (1 - p)^k, interval low, interval high),
-    fractions in [0, 1]; the 95% interval is `bootstrap_mean_ci` over problems (seeded)."""
-    values = chance_floor_matrix(rates, ks)
-    low, high = bootstrap_mean_ci(values, bootstrap=bootstrap, seed=seed)
-    return values.mean(axis=0), low, high
-
-
 # ---------------------------------------------------------------------------------------------
 # Results
 
@@ -503,20 +494,18 @@ def results_table(values: np.ndarray, ks: Sequence[int], n_samples: int, bootstr
     """The table keys of a results file (n_problems, n_samples, pass_at_k, ci95) from per-problem Pass@k
     ``values`` (problems x ks), plus chance_floor and chance_floor_ci95 from the per-problem matrix ``floor``
     (chance_floor_matrix) when given; intervals by `bootstrap_mean_ci` with ``seed``."""
-    low, high = bootstrap_mean_ci(values, bootstrap=bootstrap, seed=seed)
-    estimate = values.mean(axis=0)
-    table = {
-        "n_problems": int(values.shape[0]),
-        "n_samples": int(n_samples),
-        "pass_at_k": {str(k): float(v) for k, v in zip(ks, estimate)},
-        "ci95": {str(k): [float(lo), float(hi)] for k, lo, hi in zip(ks, low, high)},
-    }
+    table = {"n_problems": int(values.shape[0]), "n_samples": int(n_samples)}
+    table["pass_at_k"], table["ci95"] = _means_with_intervals(values, ks, bootstrap, seed)
     if floor is not None:
-        floor_low, floor_high = bootstrap_mean_ci(floor, bootstrap=bootstrap, seed=seed)
-        table["chance_floor"] = {str(k): float(v) for k, v in zip(ks, floor.mean(axis=0))}
-        table["chance_floor_ci95"] = {str(k): [float(lo), float(hi)]
-                                      for k, lo, hi in zip(ks, floor_low, floor_high)}
+        table["chance_floor"], table["chance_floor_ci95"] = _means_with_intervals(floor, ks, bootstrap, seed)
     return table
+
+
+def _means_with_intervals(values: np.ndarray, ks: Sequence[int], bootstrap: int, seed: int) -> tuple[dict, dict]:
+    """({k: mean over problems}, {k: [low, high]}) of a problems x ks matrix, by `bootstrap_mean_ci`."""
+    low, high = bootstrap_mean_ci(values, bootstrap=bootstrap, seed=seed)
+    return ({str(k): float(v) for k, v in zip(ks, values.mean(axis=0))},
+            {str(k): [float(lo), float(hi)] for k, lo, hi in zip(ks, low, high)})
 
 
 CHANCE_FLOOR_METHOD = ("mean over problems of 1 - (1 - p)^k; p: the fraction of the completions to other "

@@ -109,9 +109,10 @@ def test_hand_made_problems_have_no_floor():
     ([0.5], 3, 0.875), ([0.1], 2, 0.19), ([0.5, 0.0], 2, 0.375),
 ])
 def test_chance_floor_values(rates, k, expected):
-    values, low, high = passk.chance_floor_values(rates, [k], bootstrap=50, seed=0)
-    assert values[0] == pytest.approx(expected, abs=1e-15)
-    assert low[0] <= values[0] <= high[0]
+    table = passk.results_table(np.zeros((len(rates), 1)), [k], 1, 50, 0, floor=passk.chance_floor_matrix(rates, [k]))
+    value, (low, high) = table["chance_floor"][str(k)], table["chance_floor_ci95"][str(k)]
+    assert value == pytest.approx(expected, abs=1e-15)
+    assert low <= value <= high
 
 
 @pytest.mark.parametrize("rates", [[-0.1], [1.5]])
