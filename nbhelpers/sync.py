@@ -263,7 +263,6 @@ def checkpoint_finished(checkpoint: str | os.PathLike, requested_max_steps: int 
     return last > 0 and state["global_step"] >= last
 
 
-
 # ----------------------------------------------------------------------------- background sync
 
 
